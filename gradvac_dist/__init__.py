@@ -1,0 +1,21 @@
+"""gradvac_dist: exact GradVac (Gradient Vaccine, ICLR 2021) for distributed PyTorch training.
+
+Paper: Z. Wang, Y. Tsvetkov, O. Firat, Y. Cao, "Gradient Vaccine: Investigating and Improving
+Multi-task Optimization in Massively Multilingual Models", ICLR 2021, https://arxiv.org/abs/2010.05874
+"""
+
+from ._aggregator import GradVac
+from ._backward import backward
+from ._blocks import GROUPINGS
+from ._step import GradVacStepResult, draw_order, gradvac_step
+
+__all__ = [
+    "GROUPINGS",
+    "GradVac",
+    "GradVacStepResult",
+    "backward",
+    "draw_order",
+    "gradvac_step",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,116 @@
+"""GradVac: the single-process aggregator on a Jacobian (rows are task gradients)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._blocks import combine, contiguous_segments, partial_gramians
+from ._state import GradVacConfig, Trajectory
+from ._step import GradVacStepResult
+
+__all__ = ["GradVac"]
+
+
+class GradVac:
+    r"""Gradient Vaccine (Wang et al., ICLR 2021, https://arxiv.org/abs/2010.05874) on one process.
+
+    ``agg(jacobian, block_sizes)`` takes the ``[m, n]`` matrix whose row ``i`` is task ``i``'s
+    gradient, splits the columns into contiguous blocks, computes one ``m x m`` Gramian per block
+    (streaming through the Jacobian once), runs :func:`gradvac_dist.gradvac_step` on them with
+    this aggregator's EMA targets, and returns the aggregated gradient
+    :math:`\sum_i p_i` (length ``n``). Results equal LibMTL's ``GradVac`` (main branch) with
+    the same visiting orders.
+
+    Each step's order is ``draw_order(m, g)`` on a CPU ``torch.Generator`` ``g`` seeded with
+    ``seed``, one draw per step, so two aggregators with the same seed follow the same trajectory.
+
+    Args:
+        beta: EMA rate of the targets, in ``[0, 1]``.
+        eps: stabiliser of both denominators, ``>= 0``.
+        seed: seed of the order generator.
+
+    Attributes:
+        last_result: the :class:`~gradvac_dist.GradVacStepResult` of the latest step (cosines and
+            corrections for logging), or ``None``.
+    """
+
+    def __init__(self, beta: float = 0.5, eps: float = 1e-8, seed: int = 0) -> None:
+        self.config = GradVacConfig(beta=beta, eps=eps, seed=seed)
+        self._trajectory = Trajectory(seed)
+        self.last_result: GradVacStepResult | None = None
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"GradVac(beta={c.beta}, eps={c.eps}, seed={c.seed})"
+
+    @property
+    def step(self) -> int:
+        """Number of steps taken since creation or the last :meth:`reset`."""
+        return self._trajectory.step
+
+    @property
+    def targets(self) -> Tensor | None:
+        """The EMA targets ``[K, m, m]`` (float64), or ``None`` before the first step."""
+        return self._trajectory.targets
+
+    def reset(self) -> None:
+        """Starts a new trajectory: zero targets, generator re-seeded, step 0, any m and blocks."""
+        self._trajectory.reset()
+        self._trajectory.num_tasks = None
+        self.last_result = None
+
+    def __call__(self, jacobian: Tensor, block_sizes: Sequence[int] | None = None) -> Tensor:
+        """Aggregates the rows of ``jacobian`` (``[m, n]``) into one gradient of length ``n``.
+
+        Args:
+            jacobian: ``[m, n]`` floating-point tensor, row ``i`` is task ``i``'s gradient.
+            block_sizes: sizes of the contiguous column blocks (summing to ``n``); ``None`` means
+                one block, the whole vector.
+        """
+        if not isinstance(jacobian, Tensor) or jacobian.dim() != 2 or not jacobian.is_floating_point():
+            desc = (
+                f"{jacobian.dtype} {tuple(jacobian.shape)}" if isinstance(jacobian, Tensor) else type(jacobian).__name__
+            )
+            raise ValueError(
+                f"GradVac expects a floating-point Jacobian of shape [m, n] (one row per task), got {desc}."
+            )
+        m, n = jacobian.shape
+        if m < 1 or n < 1:
+            raise ValueError(f"GradVac needs at least one task and one column, got a Jacobian of shape {[m, n]}.")
+        sizes = _check_block_sizes(block_sizes, n)
+        self._trajectory.check_shape(m, sizes)
+        segments = contiguous_segments(sizes)
+        gramians = partial_gramians(jacobian, segments, len(sizes))
+        result = self._trajectory.advance(gramians, sizes, self.config)
+        self.last_result = result
+        return combine(jacobian, result.coefficients, segments)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Targets, generator state and step count: what a resumed run needs to continue exactly."""
+        return self._trajectory.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`'s output; checks it whole first, so a bad one changes nothing."""
+        self._trajectory.num_tasks = None if self._trajectory.targets is None else self._trajectory.num_tasks
+        self._trajectory.load_state_dict(state_dict)
+
+
+def _check_block_sizes(block_sizes: Sequence[int] | None, n: int) -> tuple[int, ...]:
+    if block_sizes is None:
+        return (n,)
+    if isinstance(block_sizes, Tensor):
+        block_sizes = block_sizes.tolist()
+    try:
+        sizes = tuple(int(s) for s in block_sizes)
+        ok = all(isinstance(s, (int, torch.SymInt)) or float(s).is_integer() for s in block_sizes)
+    except (TypeError, ValueError):
+        ok, sizes = False, ()
+    if not ok or not sizes or any(s < 1 for s in sizes) or sum(sizes) != n:
+        raise ValueError(
+            f"block_sizes must be positive integers summing to the Jacobian's width n={n}, got {block_sizes!r}."
+        )
+    return sizes

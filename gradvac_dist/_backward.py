@@ -1,0 +1,150 @@
+"""``gradvac_dist.backward``: one entry that writes GradVac's aggregated gradient into ``.grad``.
+
+It dispatches on the model: a plain module (this file), a DistributedDataParallel module with
+:func:`gradvac_dist.gradvac_hook` registered (``_ddp.py``), an FSDP2 module (``_fsdp.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._aggregator import GradVac
+from ._blocks import layout_of
+
+__all__ = ["backward", "task_jacobian"]
+
+
+def _check_losses(losses: Sequence[Tensor] | Tensor) -> list[Tensor]:
+    if isinstance(losses, Tensor):
+        losses = list(losses.unbind()) if losses.dim() == 1 else [losses]
+    losses = list(losses)
+    if not losses:
+        raise ValueError("losses is empty: pass one scalar loss per task.")
+    for i, loss in enumerate(losses):
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(
+                f"losses[{i}] must be a scalar tensor (one loss per task), got {type(loss).__name__} "
+                f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}."
+            )
+        if not loss.requires_grad:
+            raise ValueError(f"losses[{i}] does not require grad: it is not connected to the model's parameters.")
+    return losses
+
+
+def task_jacobian(losses: Sequence[Tensor], params: Sequence[nn.Parameter]) -> Tensor:
+    """The ``[m, n]`` matrix of per-task gradients of ``params``, flattened in order.
+
+    One ``torch.autograd.grad`` pass per task (graph retained between them); a parameter a task
+    does not reach gets zeros. (A batched backward, ``is_grads_batched=True``, was measured on the
+    bundled MLPs and was not faster on CPU, and it fails on ops without a batching rule.)
+    """
+    m, n = len(losses), sum(p.numel() for p in params)
+    first = params[0]
+    jac = torch.empty((m, n), dtype=first.dtype, device=first.device)
+    for i, loss in enumerate(losses):
+        grads = torch.autograd.grad(loss, params, retain_graph=i < m - 1, allow_unused=True)
+        offset = 0
+        for p, g in zip(params, grads):
+            row = jac[i, offset : offset + p.numel()]
+            if g is None:
+                row.zero_()
+            else:
+                row.copy_(g.reshape(-1))
+            offset += p.numel()
+    return jac
+
+
+def backward(
+    model: nn.Module,
+    losses: Sequence[Tensor] | Tensor,
+    aggregator: GradVac | None = None,
+    *,
+    grouping: str = "whole",
+    shared_params: Iterable[nn.Parameter] | None = None,
+) -> None:
+    """Computes GradVac's aggregated gradient of ``losses`` and writes it into the parameters' ``.grad``.
+
+    - Plain module: the per-task gradients of the trainable parameters are formed (m backward
+      passes), aggregated by ``aggregator`` with blocks from ``grouping``, and written into
+      ``.grad`` (accumulated onto an existing ``.grad``, as ``loss.backward()`` would).
+    - DistributedDataParallel with :func:`gradvac_dist.gradvac_hook` registered: see the DDP
+      path; ``aggregator``/``grouping`` come from the registered :class:`GradVacState`.
+
+    Args:
+        model: the module whose parameters receive the gradient.
+        losses: one scalar loss per task (a sequence, or a 1-D tensor).
+        aggregator: a :class:`GradVac` (plain modules only); it keeps the EMA targets.
+        grouping: ``"whole"``, ``"parameter"`` or ``"module"`` (plain modules only).
+        shared_params: the parameters GradVac acts on (e.g. a shared encoder); every other
+            parameter receives the plain sum of its task gradients, LibMTL's convention for heads.
+    """
+    from ._ddp import ddp_backward, is_ddp  # local: the DDP room imports this one's helpers
+
+    losses = _check_losses(losses)
+    if is_ddp(model):
+        if aggregator is not None:
+            raise ValueError(
+                "backward(ddp_model, losses): the DDP path takes its GradVac state from the registered "
+                "comm hook; drop the aggregator argument (configure GradVacState instead)."
+            )
+        ddp_backward(model, losses)
+        return
+    _reject_unsupported_wrappers(model)
+    if not isinstance(aggregator, GradVac):
+        raise ValueError(
+            "backward(model, losses, aggregator): a plain module needs aggregator=gradvac_dist.GradVac(...), "
+            f"got {aggregator!r}."
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no parameter with requires_grad=True.")
+    layout = layout_of(model, params, grouping, shared_params)
+    jac = task_jacobian(losses, params)
+    aggregated = _aggregate_with_layout(aggregator, jac, layout)
+    offset = 0
+    for p in params:
+        g = aggregated[offset : offset + p.numel()].view_as(p)
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.add_(g)
+        offset += p.numel()
+
+
+def _aggregate_with_layout(aggregator: GradVac, jac: Tensor, layout) -> Tensor:
+    """Runs the aggregator on the acted-on columns only; the rest get the plain sum."""
+    if all(b >= 0 for b in layout.param_blocks) and _blocks_are_contiguous(layout):
+        return aggregator(jac, layout.block_sizes)
+    # Gather each block's columns contiguously, aggregate, scatter back; excluded columns are summed.
+    index_per_block: list[list[Tensor]] = [[] for _ in range(layout.num_blocks)]
+    out = jac.sum(0)
+    offset = 0
+    for numel, block in zip(layout.numels, layout.param_blocks):
+        if block >= 0:
+            index_per_block[block].append(torch.arange(offset, offset + numel, device=jac.device))
+        offset += numel
+    index = torch.cat([torch.cat(ix) for ix in index_per_block])
+    out[index] = aggregator(jac[:, index], layout.block_sizes)
+    return out
+
+
+def _blocks_are_contiguous(layout) -> bool:
+    seen: list[int] = []
+    for block in layout.param_blocks:
+        if not seen or seen[-1] != block:
+            if block in seen:
+                return False
+            seen.append(block)
+    return seen == list(range(layout.num_blocks))
+
+
+def _reject_unsupported_wrappers(model: nn.Module) -> None:
+    name = type(model).__name__
+    if name == "FullyShardedDataParallel":
+        raise ValueError(
+            "FSDP1 (FullyShardedDataParallel) is not supported: it crashes or skips the reduction on a "
+            "second backward pass of one step. Shard the model with FSDP2 (torch.distributed.fsdp.fully_shard) instead."
+        )

@@ -1,0 +1,186 @@
+"""GradVac's state: frozen configuration kept apart from the mutable trajectory.
+
+The trajectory (EMA targets, the order generator, the step count) is what every rank must hold
+bit-identically; only :meth:`Trajectory.advance` changes it, and it does so from inputs that are
+identical on every rank (the all-reduced Gramians). Checkpoint keys are module constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._step import GradVacStepResult, draw_order, gradvac_step
+
+__all__ = ["GradVacConfig", "Trajectory"]
+
+# Checkpoint keys (state_dict of the aggregator, of GradVacState and of the FSDP wrapper).
+VERSION_KEY = "format_version"
+NUM_TASKS_KEY = "num_tasks"
+BLOCK_SIZES_KEY = "block_sizes"
+TARGETS_KEY = "targets"
+GENERATOR_KEY = "generator_state"
+STEP_KEY = "step"
+GROUPING_KEY = "grouping"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GradVacConfig:
+    """The hyperparameters of GradVac; immutable.
+
+    Attributes:
+        beta: EMA rate of the targets, in ``[0, 1]`` (paper and LibMTL default 0.5).
+        eps: stabiliser of both denominators, ``>= 0`` (default 1e-8, as LibMTL).
+        seed: seed of the CPU generator the visiting orders are drawn from.
+    """
+
+    beta: float = 0.5
+    eps: float = 1e-8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be a number in [0, 1] (the EMA rate of the targets), got {self.beta!r}.")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps >= 0.0:
+            raise ValueError(f"eps must be a number >= 0, got {self.eps!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}.")
+
+
+def check_num_tasks(num_tasks: Any) -> int:
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"num_tasks must be an int >= 1 (the number of task losses), got {num_tasks!r}.")
+    return num_tasks
+
+
+class Trajectory:
+    """The mutable state of GradVac: EMA targets, the order generator and the step count.
+
+    ``targets`` is ``None`` until the first step fixes the number of tasks and the blocks; from
+    then on a step with another ``m`` or other block sizes is refused (call :meth:`reset`).
+    """
+
+    __slots__ = ("_seed", "block_sizes", "generator", "num_tasks", "step", "targets")
+
+    def __init__(self, seed: int, num_tasks: int | None = None) -> None:
+        self._seed = seed
+        self.num_tasks = num_tasks
+        self.reset()
+
+    def reset(self) -> None:
+        """Forgets the targets, re-seeds the generator and restarts the step count."""
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(self._seed)
+        self.targets: Tensor | None = None
+        self.block_sizes: tuple[int, ...] | None = None
+        self.step = 0
+
+    def check_shape(self, num_tasks: int, block_sizes: tuple[int, ...]) -> None:
+        """Refuses a step whose number of tasks or blocks differs from the state's."""
+        if self.num_tasks is not None and num_tasks != self.num_tasks:
+            raise ValueError(
+                f"GradVac got {num_tasks} task gradients but its state is for {self.num_tasks} tasks; "
+                "pass one loss (Jacobian row) per task, or call reset() to start a new trajectory."
+            )
+        if self.block_sizes is not None and block_sizes != self.block_sizes:
+            raise ValueError(
+                f"GradVac's blocks changed between steps: the state has {len(self.block_sizes)} blocks "
+                f"of sizes {_short(self.block_sizes)}, this step has {len(block_sizes)} of sizes "
+                f"{_short(block_sizes)}. Keep the model and grouping fixed, or call reset() to start "
+                "a new trajectory."
+            )
+
+    def advance(
+        self, gramians: Tensor, block_sizes: tuple[int, ...], config: GradVacConfig, *, check_inputs: bool = True
+    ) -> GradVacStepResult:
+        """One step: draws the order, runs :func:`gradvac_step`, keeps the new targets."""
+        num_blocks, m = gramians.shape[0], gramians.shape[1]
+        self.check_shape(m, block_sizes)
+        if self.targets is None:
+            targets = torch.zeros((num_blocks, m, m), dtype=torch.float64, device=gramians.device)
+        else:
+            targets = self.targets.to(gramians.device)
+        order = draw_order(m, self.generator)
+        result = gradvac_step(gramians, targets, order, beta=config.beta, eps=config.eps, check_inputs=check_inputs)
+        self.targets = result.targets
+        self.block_sizes = block_sizes
+        self.num_tasks = m
+        self.step += 1
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            VERSION_KEY: FORMAT_VERSION,
+            NUM_TASKS_KEY: self.num_tasks,
+            BLOCK_SIZES_KEY: None if self.block_sizes is None else list(self.block_sizes),
+            TARGETS_KEY: None if self.targets is None else self.targets.detach().cpu().clone(),
+            GENERATOR_KEY: self.generator.get_state(),
+            STEP_KEY: self.step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], *, expected_block_sizes: tuple[int, ...] | None = None) -> None:
+        """Loads a trajectory after checking it whole; on any error nothing is changed."""
+        if not isinstance(state, dict):
+            raise ValueError(f"a GradVac state_dict must be a dict, got {type(state).__name__}.")
+        missing = [
+            k
+            for k in (VERSION_KEY, NUM_TASKS_KEY, BLOCK_SIZES_KEY, TARGETS_KEY, GENERATOR_KEY, STEP_KEY)
+            if k not in state
+        ]
+        if missing:
+            raise ValueError(
+                f"not a GradVac state_dict: keys {missing} are missing (is it a checkpoint of another object?)."
+            )
+        if state[VERSION_KEY] != FORMAT_VERSION:
+            raise ValueError(
+                f"GradVac state_dict format {state[VERSION_KEY]!r} is not supported (this version reads {FORMAT_VERSION})."
+            )
+        num_tasks, sizes, targets = state[NUM_TASKS_KEY], state[BLOCK_SIZES_KEY], state[TARGETS_KEY]
+        step, gen_state = state[STEP_KEY], state[GENERATOR_KEY]
+        if self.num_tasks is not None and num_tasks is not None and num_tasks != self.num_tasks:
+            raise ValueError(
+                f"checkpoint is for {num_tasks} tasks, this GradVac state for {self.num_tasks}; refusing to load it."
+            )
+        if expected_block_sizes is not None and sizes is not None and tuple(sizes) != tuple(expected_block_sizes):
+            raise ValueError(
+                f"checkpoint has {len(sizes)} blocks of sizes {_short(tuple(sizes))}, this model/grouping has "
+                f"{len(expected_block_sizes)} of sizes {_short(tuple(expected_block_sizes))}; refusing to load it "
+                "(a different model or grouping)."
+            )
+        if targets is not None:
+            if not isinstance(targets, Tensor) or sizes is None or num_tasks is None:
+                raise ValueError(
+                    "checkpoint targets are malformed: expected a tensor with num_tasks and block_sizes set."
+                )
+            if tuple(targets.shape) != (len(sizes), num_tasks, num_tasks):
+                raise ValueError(
+                    f"checkpoint targets have shape {tuple(targets.shape)}, expected {[len(sizes), num_tasks, num_tasks]}."
+                )
+            if not bool(torch.isfinite(targets).all()) or bool((targets.abs() > 1).any()):
+                raise ValueError("checkpoint targets must be finite and inside [-1, 1]; the checkpoint is corrupt.")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"checkpoint step must be an int >= 0, got {step!r}.")
+        if not isinstance(gen_state, Tensor) or gen_state.dtype != torch.uint8:
+            raise ValueError("checkpoint generator_state must be a uint8 tensor (torch.Generator.get_state()).")
+        generator = torch.Generator(device="cpu")
+        try:
+            generator.set_state(gen_state.cpu())
+        except RuntimeError as err:
+            raise ValueError(f"checkpoint generator_state is not a valid CPU generator state: {err}") from err
+        # Everything checked: commit.
+        device = self.targets.device if self.targets is not None else "cpu"
+        self.generator = generator
+        self.targets = None if targets is None else targets.to(device=device, dtype=torch.float64).clone()
+        self.block_sizes = None if sizes is None else tuple(int(s) for s in sizes)
+        self.num_tasks = num_tasks if num_tasks is not None else self.num_tasks
+        self.step = step
+
+
+def _short(sizes: tuple[int, ...], limit: int = 6) -> str:
+    if len(sizes) <= limit:
+        return str(list(sizes))
+    return str(list(sizes[:limit]))[:-1] + ", ...]"

@@ -1,0 +1,284 @@
+"""gradvac_step and draw_order against the plain vector form, edge cases and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradvac_dist import draw_order, gradvac_step
+from gradvac_dist._blocks import contiguous_segments, partial_gramians
+from tests.reference import gradvac_reference, pcgrad_reference
+from tests.settings import DTYPE, RTOL, randn_
+
+
+def conflicting_grads(m: int, n: int, seed: int, conflict: float = 0.6) -> torch.Tensor:
+    """Task gradients with a shared component and pairwise conflicts (so corrections happen)."""
+    g = torch.Generator().manual_seed(seed)
+    base = randn_(n, generator=g)
+    signs = torch.where(torch.arange(m) % 2 == 0, 1.0, -1.0).to(DTYPE)
+    return randn_(m, n, generator=g) + conflict * signs[:, None] * base
+
+
+def gramians_of(grads: torch.Tensor, block_sizes: list[int]) -> torch.Tensor:
+    return partial_gramians(grads, contiguous_segments(block_sizes), len(block_sizes))
+
+
+def aggregate(grads, block_sizes, coefficients):
+    parts, start = [], 0
+    for k, size in enumerate(block_sizes):
+        parts.append(coefficients[k].to(grads.dtype) @ grads[:, start : start + size])
+        start += size
+    return torch.cat(parts)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("m", [2, 3, 5, 10, 32])
+@pytest.mark.parametrize("beta", [0.5, 0.1, 1.0])
+def test_matches_vector_form_over_steps(m, beta):
+    block_sizes = [4 * m, 7 * m + 3, 5 * m]
+    n = sum(block_sizes)
+    gen = torch.Generator().manual_seed(1234 + m)
+    targets = torch.zeros(len(block_sizes), m, m, dtype=torch.float64)
+    ref_targets = targets.clone()
+    corrections = 0
+    for step in range(4):
+        grads = conflicting_grads(m, n, seed=100 * m + step)
+        order = draw_order(m, gen)
+        res = gradvac_step(gramians_of(grads, block_sizes), targets, order, beta=beta)
+        ref_out, ref_targets = gradvac_reference(grads.double(), block_sizes, ref_targets, order, beta=beta)
+        out = aggregate(grads, block_sizes, res.coefficients)
+        assert rel_err(out, ref_out) <= RTOL * (10 if m == 32 else 1)
+        assert torch.allclose(res.targets, ref_targets, rtol=0, atol=RTOL * 10)
+        targets = res.targets
+        corrections += int(res.corrected.sum())
+    assert corrections > 0, "inputs should create conflicts, else the test proves little"
+
+
+def test_all_zero_targets_is_pcgrad():
+    m, n = 6, 200
+    grads = conflicting_grads(m, n, seed=7, conflict=1.5)
+    order = draw_order(m, torch.Generator().manual_seed(3))
+    res = gradvac_step(gramians_of(grads, [n]), torch.zeros(1, m, m, dtype=torch.float64), order, eps=0.0)
+    out = aggregate(grads, [n], res.coefficients)
+    assert res.corrected.any()
+    assert rel_err(out, pcgrad_reference(grads.double(), order)) <= RTOL
+
+
+def test_inputs_not_mutated_and_result_fields():
+    m, sizes = 4, [10, 20]
+    grads = conflicting_grads(m, 30, seed=1)
+    G = gramians_of(grads, sizes)
+    T = torch.full((2, m, m), 0.3, dtype=torch.float64)
+    G0, T0 = G.clone(), T.clone()
+    res = gradvac_step(G, T, draw_order(m, torch.Generator().manual_seed(0)))
+    assert torch.equal(G, G0) and torch.equal(T, T0)
+    assert res.coefficients.shape == (2, m) and res.targets.shape == (2, m, m)
+    assert res.cosines.shape == (2, m, m) and res.corrected.dtype == torch.bool
+    assert torch.equal(torch.diagonal(res.targets, dim1=1, dim2=2), torch.diagonal(T, dim1=1, dim2=2))
+    assert res.coefficients.dtype == torch.float64
+
+
+def test_single_task_returns_gradient_unchanged():
+    G = torch.tensor([[[4.0]]], dtype=DTYPE)
+    res = gradvac_step(G, torch.zeros(1, 1, 1), torch.zeros(1, 0, dtype=torch.long))
+    assert torch.equal(res.coefficients, torch.ones(1, 1, dtype=torch.float64))
+
+
+def test_no_host_synchronisation():
+    """With checks off, the step runs on the meta device: any .item() or bool() on a value would raise."""
+    m, K = 5, 3
+    G = torch.empty(K, m, m, device="meta")
+    res = gradvac_step(
+        G,
+        torch.empty(K, m, m, device="meta"),
+        torch.empty(m, m - 1, dtype=torch.long, device="meta"),
+        check_inputs=False,
+    )
+    assert res.coefficients.device.type == "meta" and res.coefficients.shape == (K, m)
+
+
+def test_incremental_work_per_visit():
+    """The visit loop must not recompute A @ G (an m x m x m bmm) per visit: count matmuls."""
+    m, K = 8, 2
+    grads = conflicting_grads(m, 64, seed=5)
+    G = gramians_of(grads, [32, 32])
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        gradvac_step(G, torch.zeros(K, m, m, dtype=torch.float64), draw_order(m, torch.Generator()))
+    assert counter.get_total_flops() == 0, "the step should use elementwise O(K m^2) updates, not matmuls"
+
+
+class TestDrawOrder:
+    def test_rows_are_permutations_of_the_others(self):
+        for m in (1, 2, 3, 7):
+            order = draw_order(m, torch.Generator().manual_seed(m))
+            assert order.shape == (m, m - 1) and order.dtype == torch.long
+            for i in range(m):
+                assert sorted(order[i].tolist()) == [j for j in range(m) if j != i]
+
+    def test_documented_recipe_and_reproducibility(self):
+        m = 6
+        g1, g2 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+        order = draw_order(m, g1)
+        keys = torch.rand((m, m - 1), generator=g2, dtype=torch.float64)
+        perm = keys.argsort(dim=1, stable=True)
+        expected = perm + (perm >= torch.arange(m)[:, None]).long()
+        assert torch.equal(order, expected)
+        assert torch.equal(g1.get_state(), g2.get_state())
+
+    def test_orders_vary_between_draws(self):
+        g = torch.Generator().manual_seed(0)
+        draws = {tuple(draw_order(5, g).flatten().tolist()) for _ in range(10)}
+        assert len(draws) > 1
+
+    @pytest.mark.parametrize("m", [0, -1, 2.0, True])
+    def test_bad_m(self, m):
+        with pytest.raises(ValueError, match="m must be an int >= 1"):
+            draw_order(m, torch.Generator())
+
+    def test_bad_generator(self):
+        with pytest.raises(ValueError, match="CPU torch.Generator"):
+            draw_order(3, None)
+
+
+class TestBadInput:
+    m = 3
+
+    def good(self):
+        G = gramians_of(conflicting_grads(self.m, 12, seed=0), [12])
+        return G, torch.zeros(1, self.m, self.m, dtype=torch.float64), draw_order(self.m, torch.Generator())
+
+    def test_gramians_shape(self):
+        G, T, o = self.good()
+        for bad in (G[0], G[:, :, :2], torch.zeros(1, 0, 0)):
+            with pytest.raises(ValueError, match="gramians"):
+                gradvac_step(bad, T, o)
+
+    def test_asymmetric(self):
+        G, T, o = self.good()
+        G[0, 0, 1] += 1.0
+        with pytest.raises(ValueError, match="symmetric"):
+            gradvac_step(G, T, o)
+
+    def test_non_finite(self):
+        G, T, o = self.good()
+        G[0, 1, 1] = math.inf
+        with pytest.raises(ValueError, match="inf or NaN"):
+            gradvac_step(G, T, o)
+        G, T, o = self.good()
+        T[0, 0, 1] = math.nan
+        with pytest.raises(ValueError, match="targets contain inf or NaN"):
+            gradvac_step(G, T, o)
+
+    def test_targets_shape(self):
+        G, T, o = self.good()
+        with pytest.raises(ValueError, match="targets must have the shape"):
+            gradvac_step(G, T[:, :2], o)
+
+    def test_order(self):
+        G, T, o = self.good()
+        with pytest.raises(ValueError, match="LongTensor of shape"):
+            gradvac_step(G, T, o.float())
+        with pytest.raises(ValueError, match="LongTensor of shape"):
+            gradvac_step(G, T, o[:, :1])
+        bad = o.clone()
+        bad[0] = torch.tensor([0, 1])  # row 0 contains task 0 itself
+        with pytest.raises(ValueError, match="permutation of the tasks other than i"):
+            gradvac_step(G, T, bad)
+        bad = o.clone()
+        bad[1] = torch.tensor([0, 0])
+        with pytest.raises(ValueError, match="permutation"):
+            gradvac_step(G, T, bad)
+
+    @pytest.mark.parametrize("beta", [-0.1, 1.5, math.nan, "0.5"])
+    def test_beta(self, beta):
+        with pytest.raises(ValueError, match="beta must be a number in"):
+            gradvac_step(*self.good(), beta=beta)
+
+    @pytest.mark.parametrize("eps", [-1e-8, math.nan])
+    def test_eps(self, eps):
+        with pytest.raises(ValueError, match="eps must be a number >= 0"):
+            gradvac_step(*self.good(), eps=eps)
+
+
+def _check_safe(grads: torch.Tensor, block_sizes: list[int], steps: int = 3, beta: float = 0.5) -> None:
+    m = grads.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.zeros(len(block_sizes), m, m, dtype=torch.float64)
+    for _ in range(steps):
+        G = gramians_of(grads, block_sizes)
+        res = gradvac_step(G, targets, draw_order(m, gen), beta=beta)
+        out = aggregate(grads, block_sizes, res.coefficients)
+        assert torch.isfinite(res.coefficients).all() and torch.isfinite(out).all()
+        assert (res.targets.abs() <= 1).all()
+        assert (res.cosines.abs() <= 1).all()
+        targets = res.targets
+
+
+class TestDegenerate:
+    def test_blocks_smaller_than_task_count(self):
+        m = 10
+        grads = conflicting_grads(m, 3 + 1 + 1 + 40, seed=2, conflict=2.0)
+        _check_safe(grads, [3, 1, 1, 40], steps=6)
+
+    def test_cancelling_block_is_finite(self):
+        """A 1-element block where tasks cancel exactly: p_i cancels to ~0, the trap in the notes."""
+        m = 6
+        grads = torch.zeros(m, 2, dtype=DTYPE)
+        grads[:, 0] = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0], dtype=DTYPE) * 3.3
+        grads[:, 1] = torch.arange(m, dtype=DTYPE) - 2.5
+        _check_safe(grads, [1, 1], steps=8, beta=1.0)
+
+    def test_zero_task_rows(self):
+        m = 4
+        grads = conflicting_grads(m, 50, seed=3)
+        grads[1] = 0
+        grads[3, :25] = 0
+        gen = torch.Generator().manual_seed(0)
+        T = torch.full((2, m, m), 0.5, dtype=torch.float64)
+        res = gradvac_step(gramians_of(grads, [25, 25]), T, draw_order(m, gen))
+        assert not res.corrected[:, :, 1].any(), "a zero gradient must never be added"
+        assert not res.corrected[0, :, 3].any()
+        assert torch.isfinite(res.coefficients).all()
+        # the target update follows the formula with phi = 0
+        assert torch.allclose(res.targets[:, 0, 1], torch.full((2,), 0.25, dtype=torch.float64))
+
+    def test_rank_one_jacobian(self):
+        v = randn_(64, generator=torch.Generator().manual_seed(4))
+        grads = torch.stack([v, -2 * v, 0.5 * v, -v])
+        _check_safe(grads, [64], steps=5)
+        _check_safe(grads, [32, 31, 1], steps=5)
+
+    @pytest.mark.parametrize("scale", [1e-20, 1e-10, 1.0, 1e10, 1e15, 1e20])
+    def test_scales(self, scale):
+        grads = conflicting_grads(5, 40, seed=9) * scale
+        if DTYPE == torch.float32 and scale > 1e15:
+            # Products of float32 entries above ~1e19 leave float32's range: refused loudly, never silently.
+            G = gramians_of(grads, [20, 19, 1])
+            with pytest.raises(ValueError, match="inf or NaN"):
+                gradvac_step(G, torch.zeros(3, 5, 5, dtype=torch.float64), draw_order(5, torch.Generator()))
+            return
+        _check_safe(grads, [20, 19, 1], steps=4)
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        m=st.integers(2, 7),
+        sizes=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+        log_scale=st.floats(-20, 15),
+        rank=st.integers(1, 3),
+        seed=st.integers(0, 2**16),
+        beta=st.floats(0.0, 1.0),
+    )
+    def test_property_finite_and_bounded(self, m, sizes, log_scale, rank, seed, beta):
+        g = torch.Generator().manual_seed(seed)
+        n = sum(sizes)
+        low = randn_(m, rank, generator=g) @ randn_(rank, n, generator=g)
+        _check_safe(low * 10.0**log_scale, sizes, steps=3, beta=beta)
