@@ -112,7 +112,7 @@ def layout_of(
     module: nn.Module | None,
     params: Sequence[nn.Parameter],
     grouping: str,
-    shared_params: Iterable[nn.Parameter] | None = None,
+    shared_params: Iterable[nn.Parameter | str] | None = None,
 ) -> BlockLayout:
     """The blocks of ``params`` under ``grouping``.
 
@@ -122,8 +122,9 @@ def layout_of(
         grouping: ``"whole"`` (one block), ``"parameter"`` (one block per parameter tensor: LibMTL's
             ``all_matrix``) or ``"module"`` (one block per module that directly owns parameters,
             i.e. per leaf layer: LibMTL's ``all_layer``).
-        shared_params: if given, only these parameters are grouped into blocks; every other
-            parameter gets block ``-1`` (its gradient is the plain sum of its task gradients).
+        shared_params: if given, only these parameters are grouped into blocks (Parameter objects,
+            or names / module-name prefixes of ``module``'s parameters); every other parameter gets
+            block ``-1`` (its gradient is the plain sum of its task gradients).
     """
     if grouping not in GROUPINGS:
         raise ValueError(
@@ -132,16 +133,31 @@ def layout_of(
         )
     acted = [True] * len(params)
     if shared_params is not None:
-        shared_ids = {id(p) for p in shared_params}
-        known = {id(p) for p in params}
-        if not shared_ids:
+        shared = list(shared_params)
+        if not shared:
             raise ValueError("shared_params is empty: pass the parameters GradVac should act on, or None for all.")
-        if not shared_ids <= known:
+        names_by_id = {id(p): n for n, p in module.named_parameters()} if module is not None else {}
+        prefixes = [s for s in shared if isinstance(s, str)]
+        shared_ids = {id(p) for p in shared if not isinstance(p, str)}
+        if prefixes and module is None:
+            raise ValueError("shared_params given by name need the module: pass a module, not a list of parameters.")
+        if not shared_ids <= {id(p) for p in params}:
             raise ValueError(
                 "shared_params contains parameters that are not trainable parameters of the model; pass "
                 "a subset of model.parameters() with requires_grad=True."
             )
-        acted = [id(p) in shared_ids for p in params]
+
+        def matches(p: nn.Parameter) -> bool:
+            name = names_by_id.get(id(p), "")
+            return id(p) in shared_ids or any(name == q or name.startswith(q + ".") for q in prefixes)
+
+        acted = [matches(p) for p in params]
+        unmatched = [q for q in prefixes if not any(n == q or n.startswith(q + ".") for n in names_by_id.values())]
+        if unmatched:
+            raise ValueError(
+                f"shared_params names {unmatched} match no parameter of the model; use names from "
+                "model.named_parameters() (or a module prefix such as 'encoder')."
+            )
 
     param_names: list[str] = [f"param{i}" for i in range(len(params))]
     owner: list[str] = list(param_names)

@@ -1,14 +1,322 @@
-"""The DDP communication hook and the driving of m backward passes under DDP."""
+"""The DDP communication hook and the driving of m backward passes under DDP.
+
+DDP's reducer stops listening after the first backward pass of an iteration (pytorch #47260), so
+``gradvac_dist.backward(ddp, losses)`` re-arms it before every pass with the private
+``reducer.prepare_for_backward([loss])``. Each pass then fires :func:`gradvac_hook` on every
+bucket; the hook stashes that task's reduced bucket and returns zeros, so the next pass
+accumulates exactly the next task's local gradient. In the last pass the hook holds the
+buckets' futures open until the last bucket arrives, then runs the GradVac step once and
+resolves them all with the aggregated gradient, which DDP copies into ``param.grad``.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+
+from ._blocks import BlockLayout, Segment, combine, layout_of, partial_gramians, segments_of_range
+from ._comm import (
+    all_reduce_sum,
+    default_strategy,
+    gramian_buffer,
+    shard_length,
+    start_all_gather,
+    start_all_reduce,
+    start_reduce_scatter,
+    world_of,
+)
+from ._state import GradVacState
+
+__all__ = ["ddp_backward", "gradvac_hook", "is_ddp"]
 
 
 def is_ddp(model: nn.Module) -> bool:
     return isinstance(model, DistributedDataParallel)
 
 
-def ddp_backward(ddp: DistributedDataParallel, losses: list) -> None:
-    raise NotImplementedError("the DDP path is being built (issue 3)")
+def gradvac_hook(state: GradVacState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """DDP communication hook running exact GradVac on the rank-mean per-task gradients.
+
+    Register it with ``ddp.register_comm_hook(state, gradvac_hook)`` on a
+    ``DistributedDataParallel(model, find_unused_parameters=True)`` and drive each step with
+    ``gradvac_dist.backward(ddp, losses)`` (m backward passes, one per task). Per step:
+
+    1. Pass ``i < m-1``, each bucket: divide by the world size W, reduce task ``i``'s bucket
+       across ranks asynchronously into the stash (``"replicated"``: all-reduce of the whole
+       bucket; ``"sharded"``: reduce-scatter, so each rank keeps a 1/W shard), and return zeros
+       so that the next pass accumulates task ``i+1``'s gradient alone.
+    2. Pass ``m-1``: the same, but the buckets' futures stay open.
+    3. At the last bucket of the last pass: wait for the reductions, compute per-block partial
+       Gramians ``[K, m, m]`` of the stashed pieces (shards or full buckets), all-reduce them ONCE
+       (replicated buckets: each rank contributes the Gramians of its 1/W slice of every bucket,
+       so the sum is exact without double counting).
+    4. Every rank runs the identical :func:`gradvac_dist.gradvac_step` on the same Gramians with
+       the same EMA targets and the same order (drawn from the state's CPU generator).
+    5. Each rank combines its piece with the per-block coefficients; ``"sharded"`` all-gathers the
+       combined shards; every bucket's future is resolved with the aggregated bucket.
+
+    Communication per step and rank, n parameters, ring algorithms (elements sent):
+
+    - ``"replicated"``: m all-reduces of n: about ``2 m n (W-1)/W``, plus ``K m^2``.
+    - ``"sharded"``: m reduce-scatters and one all-gather: about ``(m+1) n (W-1)/W``, plus ``K m^2``.
+
+    Memory: the stash holds ``m n`` (replicated) or ``m n / W`` (sharded) elements per rank.
+    """
+    if not isinstance(bucket, dist.GradBucket):
+        raise TypeError(
+            f"gradvac_hook is a DistributedDataParallel comm hook; it was called with {type(bucket).__name__}. "
+            "For FSDP2 use gradvac_dist.fsdp's wrapper; FSDP1 is unsupported."
+        )
+    runtime = getattr(state, "_runtime", None)
+    if runtime is None or not runtime.armed:
+        raise RuntimeError(
+            "gradvac_hook fired outside gradvac_dist.backward(ddp, losses): a plain loss.backward() cannot run "
+            "GradVac, which needs one backward pass per task. Call gradvac_dist.backward(ddp, [loss_1, ..., loss_m]) "
+            "instead; this step's gradients were not synchronised."
+        )
+    return runtime.on_bucket(bucket)
+
+
+class _BucketPlan:
+    """Where a bucket's columns go: its segments, this rank's piece of it, and its stash."""
+
+    __slots__ = (
+        "full_segments",
+        "future",
+        "gram_segments",
+        "length",
+        "param_ids",
+        "scratch",
+        "shard",
+        "shard_segments",
+        "stash",
+        "works",
+    )
+
+    def __init__(
+        self, bucket: dist.GradBucket, block_of: dict[int, int], m: int, rank: int, world: int, sharded: bool
+    ) -> None:
+        params = bucket.parameters()
+        self.param_ids = tuple(id(p) for p in params)
+        segments: list[Segment] = []
+        start = 0
+        for p in params:
+            segments.append((block_of.get(id(p), -1), start, start + p.numel()))
+            start += p.numel()
+        buf = bucket.buffer()
+        self.length = buf.numel()
+        assert start == self.length, "bucket buffer must be the concatenation of its parameters' gradients"
+        self.full_segments = segments
+        shard = shard_length(self.length, world)
+        lo = min(rank * shard, self.length)
+        hi = min(lo + shard, self.length)
+        # This rank's 1/W slice of the bucket: the piece whose partial Gramians it contributes
+        # (with either strategy, so the all-reduced sum counts every column exactly once).
+        self.shard = (lo, hi)
+        self.gram_segments = segments_of_range(segments, lo, hi)
+        self.shard_segments = list(self.gram_segments)
+        if hi - lo < shard:
+            self.shard_segments.append((-1, hi - lo, shard))  # padding columns: zeros
+        if sharded:
+            self.stash = torch.zeros((m, shard), dtype=buf.dtype, device=buf.device)
+            self.scratch = torch.zeros(shard * world, dtype=buf.dtype, device=buf.device)
+        else:
+            self.stash = torch.zeros((m, self.length), dtype=buf.dtype, device=buf.device)
+            self.scratch = None
+        self.works: list[dist.Work | None] = [None] * m
+        self.future: torch.futures.Future[Tensor] | None = None
+
+
+class _DDPRuntime:
+    """Per-step machinery of the hook; lives in ``state._runtime`` once bound to a DDP module."""
+
+    def __init__(self, state: GradVacState, ddp: DistributedDataParallel) -> None:
+        self.state = state
+        self.module = ddp
+        group = state.process_group
+        self.rank, self.world = world_of(group)
+        self.strategy = state.strategy or default_strategy(group)
+        params = [p for p in ddp._module_parameters if p.requires_grad]
+        self.layout: BlockLayout = layout_of(ddp.module, params, state.grouping, state.shared_params)
+        self.block_of = {id(p): b for p, b in zip(params, self.layout.param_blocks)}
+        self.block_sizes = self.layout.block_sizes
+        self.plans: dict[int, _BucketPlan] = {}
+        self.armed = False
+        self.task = 0
+        self.buckets_seen: list[int] = []
+        self.num_buckets: int | None = None
+        self.step_done = False
+
+    # -- driving, called by ddp_backward -------------------------------------------------------
+    def begin_pass(self, task: int) -> None:
+        self.task = task
+        self.buckets_seen = []
+        self.armed = True
+        self.step_done = False
+
+    def end_pass(self) -> None:
+        if self.num_buckets is None:
+            self.num_buckets = len(self.buckets_seen)
+        if self.buckets_seen != list(range(self.num_buckets)):
+            raise RuntimeError(
+                f"gradvac_hook saw buckets {self.buckets_seen} in pass {self.task}, expected 0..{self.num_buckets - 1}; "
+                "DDP did not reduce every bucket in this pass (was the reducer prepared? is static_graph on?)."
+            )
+
+    def disarm(self) -> None:
+        self.armed = False
+        for plan in self.plans.values():
+            plan.future = None
+
+    # -- the hook --------------------------------------------------------------------------------
+    def plan(self, bucket: dist.GradBucket) -> _BucketPlan:
+        index = bucket.index()
+        plan = self.plans.get(index)
+        if plan is None or plan.param_ids != tuple(id(p) for p in bucket.parameters()):
+            m = self.state.num_tasks
+            plan = _BucketPlan(bucket, self.block_of, m, self.rank, self.world, self.strategy == "sharded")
+            self.plans[index] = plan
+        return plan
+
+    def on_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+        index = bucket.index()
+        self.buckets_seen.append(index)
+        plan = self.plan(bucket)
+        task, m = self.task, self.state.num_tasks
+        group, counters = self.state.process_group, self.state.counters
+        buf = bucket.buffer()
+        buf.div_(self.world)
+        if self.strategy == "sharded":
+            if task > 0:
+                prev = plan.works[task - 1]
+                if prev is not None:
+                    prev.wait()  # the scratch input is reused for this task
+            plan.scratch[: plan.length].copy_(buf)
+            plan.works[task] = start_reduce_scatter(
+                plan.stash[task], plan.scratch, group, counters, "task_reduce_scatter"
+            )
+        else:
+            plan.stash[task].copy_(buf)
+            plan.works[task] = start_all_reduce(plan.stash[task], group, counters, "task_all_reduce")
+        fut: torch.futures.Future[Tensor] = torch.futures.Future()
+        if task < m - 1:
+            fut.set_result(buf.zero_())
+            return fut
+        plan.future = fut
+        if bucket.is_last():
+            self._finish_step(bucket)
+        return fut
+
+    def _finish_step(self, last_bucket: dist.GradBucket) -> None:
+        state, m = self.state, self.state.num_tasks
+        group, counters = state.process_group, state.counters
+        plans = [self.plans[i] for i in self.buckets_seen]
+        for plan in plans:
+            for work in plan.works:
+                if work is not None:
+                    work.wait()
+            plan.works = [None] * m
+        device = plans[0].stash.device
+        gram = gramian_buffer(self.layout.num_blocks, m, device)
+        for plan in plans:
+            lo, hi = plan.shard
+            piece = plan.stash if self.strategy == "sharded" else plan.stash[:, lo:hi]
+            partial_gramians(piece, plan.gram_segments, self.layout.num_blocks, out=gram)
+        all_reduce_sum(gram, group, counters, "gramian_all_reduce")
+        if not bool(torch.isfinite(gram).all()):
+            raise FloatingPointError(_non_finite_message(gram, self.layout))
+        result = state.trajectory.advance(gram, self.block_sizes, state.config, check_inputs=False)
+        state.last_result = result
+        coef = result.coefficients
+        if self.strategy == "sharded":
+            pending = []
+            for plan in plans:
+                combined = combine(plan.stash, coef, plan.shard_segments)
+                pending.append((plan, start_all_gather(plan.scratch, combined, group, counters, "result_all_gather")))
+            for plan, work in pending:
+                work.wait()
+                self._resolve(plan, plan.scratch[: plan.length])
+        else:
+            for plan in plans:
+                self._resolve(plan, combine(plan.stash, coef, plan.full_segments))
+        self.step_done = True
+
+    def _resolve(self, plan: _BucketPlan, value: Tensor) -> None:
+        fut, plan.future = plan.future, None
+        assert fut is not None, "every bucket of the last pass must have an open future"
+        fut.set_result(value)
+
+
+def _non_finite_message(gram: Tensor, layout: BlockLayout) -> str:
+    diag = torch.diagonal(gram, dim1=1, dim2=2)  # [K, m]
+    bad = (~torch.isfinite(diag)).nonzero().tolist()
+    if bad:
+        k, i = bad[0]
+        return (
+            f"GradVac: task {i}'s gradient is not finite (inf or NaN) in block {layout.names[k]!r}, on at least one "
+            "rank. Lower the learning rate or unscale with a GradScaler; the step was not applied."
+        )
+    return "GradVac: a Gramian is not finite (inf or NaN) on at least one rank; the step was not applied."
+
+
+def _find_state(ddp: DistributedDataParallel) -> GradVacState:
+    hooks = [state for hook, state in getattr(ddp, "_comm_hooks", []) if hook is gradvac_hook]
+    if not hooks:
+        raise ValueError(
+            "gradvac_dist.backward(ddp, losses) needs gradvac_hook registered on this DDP module: "
+            "ddp.register_comm_hook(gradvac_dist.GradVacState(num_tasks=m), gradvac_dist.gradvac_hook)."
+        )
+    state = hooks[0]
+    if not isinstance(state, GradVacState):
+        raise TypeError(f"gradvac_hook was registered with a {type(state).__name__}; pass a gradvac_dist.GradVacState.")
+    return state
+
+
+def check_ddp_configuration(ddp: DistributedDataParallel) -> None:
+    """Refuses DDP settings under which several backward passes desynchronise silently."""
+    if not getattr(ddp, "find_unused_parameters", False):
+        raise ValueError(
+            "GradVac under DDP needs DistributedDataParallel(..., find_unused_parameters=True): each task's backward "
+            "pass reaches only part of the model, and DDP must be told which parameters a pass did not reach."
+        )
+    if getattr(ddp, "static_graph", False):
+        raise ValueError(
+            "GradVac under DDP cannot run with static_graph=True: DDP then skips or desynchronises the reductions of "
+            "the second and later backward passes. Construct DistributedDataParallel with static_graph=False."
+        )
+    reducer = getattr(ddp, "reducer", None)
+    if reducer is None or not hasattr(reducer, "prepare_for_backward"):
+        raise RuntimeError(
+            f"this torch release ({torch.__version__}) lacks DistributedDataParallel.reducer.prepare_for_backward, "
+            "which gradvac_dist needs to run one backward pass per task; use torch 2.13."
+        )
+
+
+def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor]) -> None:
+    """Runs one backward pass per task through the DDP reducer; the hook does the rest."""
+    state = _find_state(ddp)
+    check_ddp_configuration(ddp)
+    m = state.num_tasks
+    if len(losses) != m:
+        raise ValueError(f"got {len(losses)} losses but GradVacState(num_tasks={m}); pass exactly one loss per task.")
+    runtime = state._runtime
+    if runtime is None:
+        runtime = state._runtime = _DDPRuntime(state, ddp)
+    elif runtime.module is not ddp:
+        raise ValueError(
+            "this GradVacState is already used by another DDP module; create one GradVacState per model."
+        )
+    try:
+        for task, loss in enumerate(losses):
+            runtime.begin_pass(task)
+            ddp.reducer.prepare_for_backward([loss])
+            loss.backward(retain_graph=task < m - 1)
+            runtime.end_pass()
+        if not runtime.step_done:
+            raise RuntimeError("the last backward pass did not complete the GradVac step (no last bucket seen).")
+    finally:
+        runtime.disarm()

@@ -184,3 +184,134 @@ def _short(sizes: tuple[int, ...], limit: int = 6) -> str:
     if len(sizes) <= limit:
         return str(list(sizes))
     return str(list(sizes[:limit]))[:-1] + ", ...]"
+
+
+class GradVacState:
+    """State of :func:`gradvac_dist.gradvac_hook` (DDP) and of the FSDP2 path.
+
+    Holds the frozen configuration, the trajectory every rank keeps identical (EMA targets,
+    order generator, step), and the per-step runtime of the hook. Like PyTorch's
+    ``PowerSGDState``, it pickles everything but the process group (and the runtime, which is
+    rebuilt): after unpickling, the default process group is used.
+
+    Args:
+        num_tasks: m, the number of task losses passed to :func:`gradvac_dist.backward` each step.
+        beta: EMA rate of the targets, in ``[0, 1]``.
+        eps: stabiliser of both denominators, ``>= 0``.
+        seed: seed of the CPU generator of the visiting orders; must be the same on every rank.
+        grouping: ``"whole"``, ``"parameter"`` or ``"module"`` (see :mod:`gradvac_dist`).
+        process_group: the group to communicate in (default: the default group).
+        strategy: ``"sharded"`` or ``"replicated"`` per-task reduction, ``None`` for the backend's
+            measured default (gloo: replicated; NCCL and others: sharded).
+        shared_params: names (or name prefixes, e.g. ``"encoder"``) of the wrapped module's
+            parameters GradVac acts on; every other parameter gets the plain sum of its task
+            gradients. ``None``: all parameters.
+    """
+
+    __slots__ = (  # noqa: RUF023 (grouped by purpose, as PowerSGDState)
+        # configuration (frozen)
+        "num_tasks",
+        "config",
+        "grouping",
+        "strategy",
+        "shared_params",
+        # communication
+        "process_group",
+        "counters",
+        # trajectory: identical on every rank, changed only by the core
+        "trajectory",
+        "last_result",
+        # runtime of the current step (not pickled)
+        "_runtime",
+    )
+
+    def __init__(
+        self,
+        num_tasks: int,
+        beta: float = 0.5,
+        eps: float = 1e-8,
+        seed: int = 0,
+        grouping: str = "whole",
+        process_group: Any = None,
+        strategy: str | None = None,
+        shared_params: Any = None,
+    ) -> None:
+        from ._blocks import GROUPINGS
+        from ._comm import STRATEGIES, CommCounters
+
+        self.num_tasks = check_num_tasks(num_tasks)
+        self.config = GradVacConfig(beta=beta, eps=eps, seed=seed)
+        if grouping not in GROUPINGS:
+            raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}.")
+        if strategy is not None and strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES} or None (the backend's default), got {strategy!r}.")
+        if shared_params is not None:
+            if isinstance(shared_params, str):
+                shared_params = [shared_params]
+            shared_params = tuple(shared_params)
+            if not shared_params or not all(isinstance(s, str) and s for s in shared_params):
+                raise ValueError(
+                    "shared_params must be a non-empty list of parameter names or name prefixes of the wrapped "
+                    f"module (e.g. ['encoder']), got {shared_params!r}."
+                )
+        self.grouping = grouping
+        self.strategy = strategy
+        self.shared_params = shared_params
+        self.process_group = process_group
+        self.counters = CommCounters()
+        self.trajectory = Trajectory(seed, num_tasks)
+        self.last_result: GradVacStepResult | None = None
+        self._runtime: Any = None
+
+    @property
+    def step(self) -> int:
+        """Steps completed."""
+        return self.trajectory.step
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"GradVacState(num_tasks={self.num_tasks}, beta={c.beta}, eps={c.eps}, seed={c.seed}, "
+            f"grouping={self.grouping!r}, strategy={self.strategy!r}, step={self.step})"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The trajectory and the configuration it depends on; rank- and world-size-independent."""
+        out = self.trajectory.state_dict()
+        out[GROUPING_KEY] = self.grouping
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a checkpoint of the same num_tasks and grouping (any world size); checks it whole first."""
+        if isinstance(state_dict, dict) and state_dict.get(GROUPING_KEY, self.grouping) != self.grouping:
+            raise ValueError(
+                f"checkpoint grouping {state_dict[GROUPING_KEY]!r} differs from this state's {self.grouping!r}; "
+                "refusing to load it (its targets are per block of another partition)."
+            )
+        expected = self._runtime.block_sizes if self._runtime is not None else None
+        self.trajectory.load_state_dict(state_dict, expected_block_sizes=expected)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "num_tasks": self.num_tasks,
+            "config": self.config,
+            "grouping": self.grouping,
+            "strategy": self.strategy,
+            "shared_params": self.shared_params,
+            "trajectory": self.trajectory.state_dict(),
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from ._comm import CommCounters
+
+        self.num_tasks = state["num_tasks"]
+        self.config = state["config"]
+        self.grouping = state["grouping"]
+        self.strategy = state["strategy"]
+        self.shared_params = state["shared_params"]
+        self.process_group = None
+        self.counters = CommCounters()
+        self.trajectory = Trajectory(self.config.seed, self.num_tasks)
+        self.trajectory.load_state_dict(state["trajectory"])
+        self.last_result = None
+        self._runtime = None
