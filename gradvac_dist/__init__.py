@@ -7,14 +7,22 @@ Multi-task Optimization in Massively Multilingual Models", ICLR 2021, https://ar
 from ._aggregator import GradVac
 from ._backward import backward
 from ._blocks import GROUPINGS
+from ._comm import STRATEGIES, CommCounters
+from ._ddp import gradvac_hook
+from ._state import GradVacConfig, GradVacState
 from ._step import GradVacStepResult, draw_order, gradvac_step
 
 __all__ = [
     "GROUPINGS",
+    "STRATEGIES",
+    "CommCounters",
     "GradVac",
+    "GradVacConfig",
+    "GradVacState",
     "GradVacStepResult",
     "backward",
     "draw_order",
+    "gradvac_hook",
     "gradvac_step",
 ]
 

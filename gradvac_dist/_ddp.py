@@ -9,7 +9,8 @@ buckets' futures open until the last bucket arrives, then runs the GradVac step 
 resolves them all with the aggregated gradient, which DDP copies into ``param.grad``.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: DDP compares the hook's annotations with
+# dist.GradBucket and Future[Tensor] at registration, so they must be real objects.
 
 from collections.abc import Sequence
 

@@ -1,0 +1,239 @@
+"""Rank bodies of the DDP tests (module level, so the harness can pickle them).
+
+Every body builds identical float64 models on all ranks, feeds each rank its own slice of a
+global batch, and checks `.grad` against the single-process core applied to the rank-mean
+per-task gradients, which the test computes on its own from a plain (non-DDP) copy of the model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import gradvac_dist
+from gradvac_dist import GradVac, GradVacState, gradvac_hook
+
+M = 3
+IN, HID = 6, 24
+GLOBAL_BATCH = 12  # divisible by 2 and 3: the rank-mean gradient is the global-batch gradient
+
+
+class MultiHead(nn.Module):
+    def __init__(self, m: int = M, unused_head: bool = True):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(IN, HID), nn.Tanh(), nn.Linear(HID, HID), nn.Tanh(), nn.Linear(HID, HID))
+        self.gain = nn.Parameter(torch.ones(HID))  # owned by the root module, one element per feature
+        self.heads = nn.ModuleList(nn.Linear(HID, 1) for _ in range(m))
+        self.spare = nn.Linear(HID, 2) if unused_head else None  # reached by no task
+
+    def forward(self, x):
+        h = self.encoder(x) * self.gain
+        outs = [head(h).squeeze(-1) for head in self.heads]
+        if self.spare is not None:
+            outs.append(self.spare(h).sum(-1) * 0.0)
+        return outs
+
+
+def make_model(seed: int = 0) -> MultiHead:
+    torch.manual_seed(seed)
+    return MultiHead().double()
+
+
+def batch(step: int, rank: int, world: int):
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(GLOBAL_BATCH, IN, generator=g, dtype=torch.float64)
+    ys = torch.randn(M, GLOBAL_BATCH, generator=g, dtype=torch.float64)
+    ys[1] = -ys[0] + 0.3 * ys[1]  # conflicting tasks
+    per = GLOBAL_BATCH // world
+    sl = slice(rank * per, (rank + 1) * per)
+    return x[sl], ys[:, sl]
+
+
+def task_losses(outs, ys):
+    return [((outs[i] - ys[i]) ** 2).mean() for i in range(M)]
+
+
+def local_jacobian(model: nn.Module, x, ys) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = task_losses(model(x), ys)
+    rows = []
+    for i, loss in enumerate(losses):
+        gs = torch.autograd.grad(loss, params, retain_graph=i < M - 1, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params)]))
+    return torch.stack(rows)
+
+
+def block_columns(model: nn.Module, grouping: str, shared: list[str] | None):
+    """(column index of acted-on params in block order, block sizes), from names: the test's own view."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    numels = [p.numel() for n, p in model.named_parameters() if p.requires_grad]
+    offsets = [sum(numels[:i]) for i in range(len(numels))]
+
+    def acted(name):
+        return shared is None or any(name == s or name.startswith(s + ".") for s in shared)
+
+    def owner(name):
+        return name.rsplit(".", 1)[0] if "." in name else ""
+
+    keys: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        if not acted(name):
+            continue
+        key = "all" if grouping == "whole" else (name if grouping == "parameter" else owner(name))
+        keys.setdefault(key, []).append(i)
+    cols, sizes = [], []
+    for members in keys.values():
+        for i in members:
+            cols.append(torch.arange(offsets[i], offsets[i] + numels[i]))
+        sizes.append(sum(numels[i] for i in members))
+    return torch.cat(cols), sizes
+
+
+def reference_grad(agg: GradVac, mean_jac: torch.Tensor, cols, sizes) -> torch.Tensor:
+    out = mean_jac.sum(0)
+    out[cols] = agg(mean_jac[:, cols], sizes)
+    return out
+
+
+def run_config(rank, world, grouping, strategy, shared=None, steps=3, bucket_cap_mb=0.002, seed=0):
+    model = make_model(seed)
+    plain = copy.deepcopy(model)
+    ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=bucket_cap_mb)
+    state = GradVacState(num_tasks=M, seed=7, grouping=grouping, strategy=strategy, shared_params=shared)
+    ddp.register_comm_hook(state, gradvac_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    ref_opt = torch.optim.SGD(plain.parameters(), lr=0.05)
+    ref_agg = GradVac(seed=7)
+    cols, sizes = block_columns(plain, grouping, shared)
+    max_err = 0.0
+    for step in range(steps):
+        x, ys = batch(step, rank, world)
+        local = local_jacobian(plain, x, ys)
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local)
+        mean_jac = torch.stack(gathered).mean(0)
+        expected = reference_grad(ref_agg, mean_jac, cols, sizes)
+
+        gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
+        got = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
+        max_err = max(max_err, float((got - expected).norm() / expected.norm()))
+        opt.step()
+        opt.zero_grad()
+        # the reference model follows the reference gradient
+        off = 0
+        for p in plain.parameters():
+            p.grad = expected[off : off + p.numel()].view_as(p).clone()
+            off += p.numel()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    return {
+        "max_rel_err": max_err,
+        "params": torch.cat([p.detach().flatten() for p in model.parameters()]),
+        "targets": state.trajectory.targets.clone(),
+        "ref_targets": ref_agg.targets.clone(),
+        "generator": state.trajectory.generator.get_state(),
+        "calls": dict(state.counters.calls),
+        "num_buckets": len(state._runtime.plans),
+        "step": state.step,
+    }
+
+
+def equivalence_body(rank, world, configs):
+    return [run_config(rank, world, **cfg) for cfg in configs]
+
+
+def _train(ddp, state, opt, steps, start, rank, world):
+    for step in range(start, start + steps):
+        x, ys = batch(step, rank, world)
+        gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
+        opt.step()
+        opt.zero_grad()
+
+
+def _setup(grouping="module", strategy=None, seed=0):
+    model = make_model(seed)
+    ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=0.002)
+    state = GradVacState(num_tasks=M, seed=3, grouping=grouping, strategy=strategy)
+    ddp.register_comm_hook(state, gradvac_hook)
+    return model, ddp, state, torch.optim.SGD(ddp.parameters(), lr=0.05)
+
+
+def checkpoint_body(rank, world, steps, start=0, checkpoint=None, strategy=None):
+    """Trains `steps` steps from `start` (optionally resuming a checkpoint); returns a new checkpoint."""
+    model, ddp, state, opt = _setup(strategy=strategy)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        state.load_state_dict(checkpoint["gradvac"])
+    _train(ddp, state, opt, steps, start, rank, world)
+    return {
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
+        "gradvac": state.state_dict(),
+    }
+
+
+def _capture(fn):
+    try:
+        fn()
+    except Exception as err:
+        return type(err).__name__, str(err)
+    return None
+
+
+def misuse_body(rank, world):
+    out = {}
+    x, ys = batch(0, rank, world)
+
+    def ddp_with(**kwargs):
+        model = make_model()
+        return DDP(model, bucket_cap_mb=0.002, **kwargs)
+
+    def no_find_unused():
+        ddp = ddp_with(find_unused_parameters=False)
+        ddp.register_comm_hook(GradVacState(num_tasks=M), gradvac_hook)
+        gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
+
+    def static_graph():
+        ddp = ddp_with(find_unused_parameters=True, static_graph=True)
+        ddp.register_comm_hook(GradVacState(num_tasks=M), gradvac_hook)
+        gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
+
+    def plain_backward():
+        ddp = ddp_with(find_unused_parameters=True)
+        ddp.register_comm_hook(GradVacState(num_tasks=M), gradvac_hook)
+        sum(task_losses(ddp(x), ys)).backward()
+
+    def wrong_count():
+        ddp = ddp_with(find_unused_parameters=True)
+        ddp.register_comm_hook(GradVacState(num_tasks=M), gradvac_hook)
+        gradvac_dist.backward(ddp, task_losses(ddp(x), ys)[:2])
+
+    def not_registered():
+        ddp = ddp_with(find_unused_parameters=True)
+        gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
+
+    def registered_twice():
+        ddp = ddp_with(find_unused_parameters=True)
+        ddp.register_comm_hook(GradVacState(num_tasks=M), gradvac_hook)
+        ddp.register_comm_hook(GradVacState(num_tasks=M), gradvac_hook)
+
+    def shared_state():
+        state = GradVacState(num_tasks=M)
+        a, b = ddp_with(find_unused_parameters=True), ddp_with(find_unused_parameters=True)
+        a.register_comm_hook(state, gradvac_hook)
+        b.register_comm_hook(state, gradvac_hook)
+        gradvac_dist.backward(a, task_losses(a(x), ys))
+        gradvac_dist.backward(b, task_losses(b(x), ys))
+
+    def aggregator_given():
+        ddp = ddp_with(find_unused_parameters=True)
+        ddp.register_comm_hook(GradVacState(num_tasks=M), gradvac_hook)
+        gradvac_dist.backward(ddp, task_losses(ddp(x), ys), GradVac())
+
+    for name, fn in list(locals().items()):
+        if callable(fn) and name not in ("ddp_with",):
+            out[name] = _capture(fn)
+    return out

@@ -1,0 +1,110 @@
+"""DDP hook: exactness against the core on rank-mean gradients, lockstep state, one Gramian
+all-reduce per step, checkpoints across world sizes, and loud failures on misuse."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from gradvac_dist import GradVacState, gradvac_hook
+from gradvac_dist._ddp import check_ddp_configuration
+from tests.distributed import ddp_bodies
+from tests.distributed.harness import run_distributed
+
+CONFIGS = [
+    {"grouping": g, "strategy": s} for g in ("whole", "parameter", "module") for s in ("replicated", "sharded")
+] + [{"grouping": "module", "strategy": "sharded", "shared": ["encoder"]}, {"grouping": "parameter", "strategy": "replicated", "shared": ["encoder", "gain"]}]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_equivalence_with_core_and_lockstep(world):
+    steps = 3
+    configs = [dict(cfg, steps=steps) for cfg in CONFIGS]
+    results = run_distributed(ddp_bodies.equivalence_body, world, configs, timeout=180)
+    for c, cfg in enumerate(configs):
+        per_rank = [results[r][c] for r in range(world)]
+        first = per_rank[0]
+        assert first["num_buckets"] >= 3, "the model must span several buckets for this test to mean much"
+        for res in per_rank:
+            assert res["max_rel_err"] < 1e-10, (cfg, res["max_rel_err"])
+            assert torch.allclose(res["targets"], res["ref_targets"], atol=1e-10, rtol=0), cfg
+            assert res["calls"]["gramian_all_reduce"] == steps, (cfg, res["calls"])
+            assert res["step"] == steps
+            # every rank ends bit-identical
+            assert torch.equal(res["params"], first["params"]), cfg
+            assert torch.equal(res["targets"], first["targets"]), cfg
+            assert torch.equal(res["generator"], first["generator"]), cfg
+        calls = first["calls"]
+        if cfg["strategy"] == "sharded":
+            assert calls["task_reduce_scatter"] == steps * 3 * first["num_buckets"]
+            assert calls["result_all_gather"] == steps * first["num_buckets"]
+            assert "task_all_reduce" not in calls
+        else:
+            assert calls["task_all_reduce"] == steps * 3 * first["num_buckets"]
+            assert "task_reduce_scatter" not in calls and "result_all_gather" not in calls
+
+
+def test_checkpoint_resume_on_another_world_size():
+    straight = run_distributed(ddp_bodies.checkpoint_body, 2, 4, timeout=120)[0]
+    half = run_distributed(ddp_bodies.checkpoint_body, 2, 2, timeout=120)
+    assert torch.equal(half[0]["gradvac"]["targets"], half[1]["gradvac"]["targets"])
+    resumed = run_distributed(ddp_bodies.checkpoint_body, 3, 2, 2, half[0], timeout=120)[0]
+    assert resumed["gradvac"]["step"] == straight["gradvac"]["step"] == 4
+    assert torch.equal(resumed["gradvac"]["generator_state"], straight["gradvac"]["generator_state"])
+    assert torch.allclose(resumed["gradvac"]["targets"], straight["gradvac"]["targets"], atol=1e-12, rtol=0)
+    for key, value in straight["model"].items():
+        assert torch.allclose(resumed["model"][key], value, atol=1e-12, rtol=0), key
+
+
+def test_misuse_fails_loudly():
+    results = run_distributed(ddp_bodies.misuse_body, 2, timeout=120)
+    for res in results:
+        expected = {
+            "no_find_unused": ("ValueError", "find_unused_parameters=True"),
+            "static_graph": ("ValueError", "static_graph=True"),
+            "plain_backward": ("RuntimeError", "outside gradvac_dist.backward"),
+            "wrong_count": ("ValueError", "got 2 losses but GradVacState(num_tasks=3)"),
+            "not_registered": ("ValueError", "needs gradvac_hook registered"),
+            "registered_twice": ("RuntimeError", "can only be called once"),
+            "shared_state": ("ValueError", "already used by another DDP module"),
+            "aggregator_given": ("ValueError", "drop the aggregator argument"),
+        }
+        assert set(res) == set(expected)
+        for case, (err_type, fragment) in expected.items():
+            assert res[case] is not None, f"{case} did not raise"
+            assert res[case][0] == err_type and fragment in res[case][1], (case, res[case])
+
+
+def test_hook_refuses_non_bucket_and_missing_reducer_api():
+    with pytest.raises(TypeError, match="DistributedDataParallel comm hook"):
+        gradvac_hook(GradVacState(num_tasks=2), torch.zeros(3))
+
+    class FakeDDP:
+        find_unused_parameters = True
+        static_graph = False
+        reducer = object()
+
+    with pytest.raises(RuntimeError, match="lacks DistributedDataParallel.reducer.prepare_for_backward"):
+        check_ddp_configuration(FakeDDP())
+
+
+def test_state_pickles_without_process_group_and_validates():
+    state = GradVacState(num_tasks=3, beta=0.3, seed=5, grouping="parameter", process_group=object())
+    state.trajectory.advance(torch.eye(3, dtype=torch.float64).repeat(2, 1, 1), (4, 4), state.config)
+    clone = pickle.loads(pickle.dumps(state))
+    assert clone.process_group is None and clone.grouping == "parameter" and clone.config.beta == 0.3
+    assert clone.step == 1 and torch.equal(clone.trajectory.targets, state.trajectory.targets)
+    assert torch.equal(clone.trajectory.generator.get_state(), state.trajectory.generator.get_state())
+    for kwargs, match in [
+        ({"num_tasks": 0}, "num_tasks must be an int >= 1"),
+        ({"num_tasks": 2, "grouping": "layer"}, "grouping must be one of"),
+        ({"num_tasks": 2, "strategy": "ring"}, "strategy must be one of"),
+        ({"num_tasks": 2, "shared_params": [3]}, "shared_params must be a non-empty list of parameter names"),
+        ({"num_tasks": 2, "beta": -1}, "beta must be a number in"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            GradVacState(**kwargs)
+    with pytest.raises(ValueError, match="grouping 'whole' differs"):
+        state.load_state_dict(dict(state.state_dict(), grouping="whole"))
