@@ -9,6 +9,7 @@ from ._backward import backward
 from ._blocks import GROUPINGS
 from ._comm import STRATEGIES, CommCounters
 from ._ddp import gradvac_hook
+from ._errors import NonFiniteGradientError
 from ._state import GradVacConfig, GradVacState
 from ._step import GradVacStepResult, draw_order, gradvac_step
 
@@ -20,6 +21,7 @@ __all__ = [
     "GradVacConfig",
     "GradVacState",
     "GradVacStepResult",
+    "NonFiniteGradientError",
     "backward",
     "draw_order",
     "gradvac_hook",

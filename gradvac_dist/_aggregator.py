@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ._blocks import combine, contiguous_segments, partial_gramians
+from ._errors import NonFiniteGradientError, nonfinite_message
 from ._state import GradVacConfig, Trajectory
 from ._step import GradVacStepResult
 
@@ -32,20 +33,24 @@ class GradVac:
         beta: EMA rate of the targets, in ``[0, 1]``.
         eps: stabiliser of both denominators, ``>= 0``.
         seed: seed of the order generator.
+        on_nonfinite: ``"raise"`` (default) a :class:`~gradvac_dist.NonFiniteGradientError` when a
+            task gradient holds inf/NaN, or ``"skip"``: return the plain (non-finite) sum and leave
+            the state untouched, so that a ``GradScaler`` skips the optimizer step.
 
     Attributes:
         last_result: the :class:`~gradvac_dist.GradVacStepResult` of the latest step (cosines and
             corrections for logging), or ``None``.
     """
 
-    def __init__(self, beta: float = 0.5, eps: float = 1e-8, seed: int = 0) -> None:
-        self.config = GradVacConfig(beta=beta, eps=eps, seed=seed)
+    def __init__(self, beta: float = 0.5, eps: float = 1e-8, seed: int = 0, on_nonfinite: str = "raise") -> None:
+        self.config = GradVacConfig(beta=beta, eps=eps, seed=seed, on_nonfinite=on_nonfinite)
         self._trajectory = Trajectory(seed)
         self.last_result: GradVacStepResult | None = None
+        self.skipped_steps = 0
 
     def __repr__(self) -> str:
         c = self.config
-        return f"GradVac(beta={c.beta}, eps={c.eps}, seed={c.seed})"
+        return f"GradVac(beta={c.beta}, eps={c.eps}, seed={c.seed}, on_nonfinite={c.on_nonfinite!r})"
 
     @property
     def step(self) -> int:
@@ -85,6 +90,15 @@ class GradVac:
         self._trajectory.check_shape(m, sizes)
         segments = contiguous_segments(sizes)
         gramians = partial_gramians(jacobian, segments, len(sizes))
+        if not bool(torch.isfinite(gramians).all()):  # the one host sync of a step
+            if self.config.on_nonfinite == "skip":
+                self.skipped_steps += 1
+                self.last_result = None
+                return jacobian.sum(0)
+            task, block = _first_nonfinite(gramians)
+            raise NonFiniteGradientError(
+                nonfinite_message(task, f"block {block}" if len(sizes) > 1 else None), task, None
+            )
         result = self._trajectory.advance(gramians, sizes, self.config)
         self.last_result = result
         return combine(jacobian, result.coefficients, segments)
@@ -97,6 +111,14 @@ class GradVac:
         """Restores :meth:`state_dict`'s output; checks it whole first, so a bad one changes nothing."""
         self._trajectory.num_tasks = None if self._trajectory.targets is None else self._trajectory.num_tasks
         self._trajectory.load_state_dict(state_dict)
+
+
+def _first_nonfinite(gramians: Tensor) -> tuple[int | None, int | None]:
+    """(task, block) of the first non-finite diagonal entry of the Gramians, if any."""
+    bad = (~torch.isfinite(torch.diagonal(gramians, dim1=1, dim2=2))).nonzero()
+    if bad.numel() == 0:
+        return None, None
+    return int(bad[0, 1]), int(bad[0, 0])
 
 
 def _check_block_sizes(block_sizes: Sequence[int] | None, n: int) -> tuple[int, ...]:

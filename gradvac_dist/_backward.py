@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from ._aggregator import GradVac
-from ._blocks import layout_of
+from ._blocks import BlockLayout, layout_of
+from ._errors import NonFiniteGradientError, nonfinite_message
 
 __all__ = ["backward", "task_jacobian"]
 
@@ -103,7 +104,12 @@ def backward(
         raise ValueError("the model has no parameter with requires_grad=True.")
     layout = layout_of(model, params, grouping, shared_params)
     jac = task_jacobian(losses, params)
-    aggregated = _aggregate_with_layout(aggregator, jac, layout)
+    try:
+        aggregated = _aggregate_with_layout(aggregator, jac, layout)
+    except NonFiniteGradientError as err:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        task, name = _locate_nonfinite(jac, layout.numels, names)
+        raise NonFiniteGradientError(nonfinite_message(task, name), task, name) from err
     offset = 0
     for p in params:
         g = aggregated[offset : offset + p.numel()].view_as(p)
@@ -114,7 +120,18 @@ def backward(
         offset += p.numel()
 
 
-def _aggregate_with_layout(aggregator: GradVac, jac: Tensor, layout) -> Tensor:
+def _locate_nonfinite(jac: Tensor, numels: Sequence[int], names: Sequence[str]) -> tuple[int | None, str | None]:
+    """(task, parameter name) of the first non-finite entry of the Jacobian (error path only)."""
+    offset = 0
+    for numel, name in zip(numels, names):
+        bad = (~torch.isfinite(jac[:, offset : offset + numel])).any(dim=1).nonzero()
+        if bad.numel():
+            return int(bad[0, 0]), name
+        offset += numel
+    return None, None
+
+
+def _aggregate_with_layout(aggregator: GradVac, jac: Tensor, layout: BlockLayout) -> Tensor:
     """Runs the aggregator on the acted-on columns only; the rest get the plain sum."""
     if all(b >= 0 for b in layout.param_blocks) and _blocks_are_contiguous(layout):
         return aggregator(jac, layout.block_sizes)
@@ -127,6 +144,11 @@ def _aggregate_with_layout(aggregator: GradVac, jac: Tensor, layout) -> Tensor:
             index_per_block[block].append(torch.arange(offset, offset + numel, device=jac.device))
         offset += numel
     index = torch.cat([torch.cat(ix) for ix in index_per_block])
+    if not bool(torch.isfinite(out).all()):  # a non-finite column outside the blocks: same policy
+        if aggregator.config.on_nonfinite == "skip":
+            aggregator.skipped_steps += 1
+            return out
+        raise NonFiniteGradientError(nonfinite_message(None, None))
     out[index] = aggregator(jac[:, index], layout.block_sizes)
     return out
 

@@ -111,6 +111,27 @@ def shard_length(length: int, world: int) -> int:
     return -(-length // world)
 
 
-def gramian_buffer(num_blocks: int, m: int, device: torch.device) -> Tensor:
-    """A zeroed float64 ``[K, m, m]`` accumulator for partial Gramians."""
-    return torch.zeros((num_blocks, m, m), dtype=torch.float64, device=device)
+def differing_entries(
+    parts: dict[str, Tensor], group: dist.ProcessGroup | None, counters: CommCounters
+) -> dict[str, tuple[int, float, float]]:
+    """Which of ``parts`` differ across ranks: ``{name: (first differing index, min, max)}``.
+
+    One MAX all-reduce of ``[x, -x]`` (float64) gives every entry's maximum and minimum over the
+    ranks; an entry differs iff they differ. Every rank gets the same answer.
+    """
+    flat = [t.detach().reshape(-1).to(torch.float64) for t in parts.values()]
+    device = flat[0].device if flat else torch.device("cpu")
+    values = torch.cat([f.to(device) for f in flat]) if flat else torch.zeros(0, dtype=torch.float64)
+    both = torch.cat([values, -values])
+    counters.record("sync_check_all_reduce", both)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    high, low = both[: values.numel()], -both[values.numel() :]
+    out: dict[str, tuple[int, float, float]] = {}
+    start = 0
+    for name, f in zip(parts, flat):
+        diff = (high[start : start + f.numel()] != low[start : start + f.numel()]).nonzero()
+        if diff.numel():
+            i = int(diff[0, 0])
+            out[name] = (i, float(low[start + i]), float(high[start + i]))
+        start += f.numel()
+    return out

@@ -23,13 +23,14 @@ from ._blocks import BlockLayout, Segment, combine, layout_of, partial_gramians,
 from ._comm import (
     all_reduce_sum,
     default_strategy,
-    gramian_buffer,
+    differing_entries,
     shard_length,
     start_all_gather,
     start_all_reduce,
     start_reduce_scatter,
     world_of,
 )
+from ._errors import NonFiniteGradientError, nonfinite_message
 from ._state import GradVacState
 
 __all__ = ["ddp_backward", "gradvac_hook", "is_ddp"]
@@ -91,6 +92,7 @@ class _BucketPlan:
         "gram_segments",
         "length",
         "param_ids",
+        "param_segments",
         "scratch",
         "shard",
         "shard_segments",
@@ -99,14 +101,23 @@ class _BucketPlan:
     )
 
     def __init__(
-        self, bucket: dist.GradBucket, block_of: dict[int, int], m: int, rank: int, world: int, sharded: bool
+        self,
+        bucket: dist.GradBucket,
+        index_of: dict[int, tuple[int, int]],
+        m: int,
+        rank: int,
+        world: int,
+        sharded: bool,
     ) -> None:
         params = bucket.parameters()
         self.param_ids = tuple(id(p) for p in params)
         segments: list[Segment] = []
+        by_param: list[Segment] = []
         start = 0
         for p in params:
-            segments.append((block_of.get(id(p), -1), start, start + p.numel()))
+            block, index = index_of[id(p)]
+            segments.append((block, start, start + p.numel()))
+            by_param.append((index, start, start + p.numel()))
             start += p.numel()
         buf = bucket.buffer()
         self.length = buf.numel()
@@ -119,6 +130,8 @@ class _BucketPlan:
         # (with either strategy, so the all-reduced sum counts every column exactly once).
         self.shard = (lo, hi)
         self.gram_segments = segments_of_range(segments, lo, hi)
+        # (parameter index, start, stop) of the slice: used only to name a non-finite parameter
+        self.param_segments = [(i, max(a, lo) - lo, min(b, hi) - lo) for i, a, b in by_param if max(a, lo) < min(b, hi)]
         self.shard_segments = list(self.gram_segments)
         if hi - lo < shard:
             self.shard_segments.append((-1, hi - lo, shard))  # padding columns: zeros
@@ -143,7 +156,9 @@ class _DDPRuntime:
         self.strategy = state.strategy or default_strategy(group)
         params = [p for p in ddp._module_parameters if p.requires_grad]
         self.layout: BlockLayout = layout_of(ddp.module, params, state.grouping, state.shared_params)
-        self.block_of = {id(p): b for p, b in zip(params, self.layout.param_blocks)}
+        names = {id(p): n for n, p in ddp.module.named_parameters()}
+        self.param_names = [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+        self.index_of = {id(p): (b, i) for i, (p, b) in enumerate(zip(params, self.layout.param_blocks))}
         self.block_sizes = self.layout.block_sizes
         self.plans: dict[int, _BucketPlan] = {}
         self.armed = False
@@ -151,6 +166,8 @@ class _DDPRuntime:
         self.buckets_seen: list[int] = []
         self.num_buckets: int | None = None
         self.step_done = False
+        self.nonfinite: NonFiniteGradientError | None = None
+        self.steps_driven = 0  # calls of ddp_backward: equal on all ranks, unlike a corrupted step count
 
     # -- driving, called by ddp_backward -------------------------------------------------------
     def begin_pass(self, task: int) -> None:
@@ -158,6 +175,8 @@ class _DDPRuntime:
         self.buckets_seen = []
         self.armed = True
         self.step_done = False
+        if task == 0:
+            self.nonfinite = None
 
     def end_pass(self) -> None:
         if self.num_buckets is None:
@@ -179,7 +198,7 @@ class _DDPRuntime:
         plan = self.plans.get(index)
         if plan is None or plan.param_ids != tuple(id(p) for p in bucket.parameters()):
             m = self.state.num_tasks
-            plan = _BucketPlan(bucket, self.block_of, m, self.rank, self.world, self.strategy == "sharded")
+            plan = _BucketPlan(bucket, self.index_of, m, self.rank, self.world, self.strategy == "sharded")
             self.plans[index] = plan
         return plan
 
@@ -221,18 +240,30 @@ class _DDPRuntime:
                 if work is not None:
                     work.wait()
             plan.works = [None] * m
-        device = plans[0].stash.device
-        gram = gramian_buffer(self.layout.num_blocks, m, device)
-        for plan in plans:
-            lo, hi = plan.shard
-            piece = plan.stash if self.strategy == "sharded" else plan.stash[:, lo:hi]
-            partial_gramians(piece, plan.gram_segments, self.layout.num_blocks, out=gram)
-        all_reduce_sum(gram, group, counters, "gramian_all_reduce")
-        if not bool(torch.isfinite(gram).all()):
-            raise FloatingPointError(_non_finite_message(gram, self.layout))
-        result = state.trajectory.advance(gram, self.block_sizes, state.config, check_inputs=False)
-        state.last_result = result
-        coef = result.coefficients
+        num_blocks = self.layout.num_blocks
+        pieces = [
+            plan.stash if self.strategy == "sharded" else plan.stash[:, plan.shard[0] : plan.shard[1]] for plan in plans
+        ]
+        # ONE all-reduce: the partial Gramians [K, m, m], then per task the sum of its columns that are
+        # in no block (non-finite iff such a column is), so every rank takes the same decision.
+        buf = torch.zeros(num_blocks * m * m + m, dtype=torch.float64, device=pieces[0].device)
+        gram = buf[: num_blocks * m * m].view(num_blocks, m, m)
+        outside = buf[num_blocks * m * m :]
+        for plan, piece in zip(plans, pieces):
+            partial_gramians(piece, plan.gram_segments, num_blocks, out=gram)
+            for block, start, stop in plan.gram_segments:
+                if block < 0:
+                    outside += piece[:, start:stop].sum(dim=1, dtype=torch.float64)
+        all_reduce_sum(buf, group, counters, "gramian_all_reduce")
+        if bool(torch.isfinite(buf).all()):  # the step's one host sync; identical on every rank
+            result = state.trajectory.advance(gram, self.block_sizes, state.config, check_inputs=False)
+            state.last_result = result
+            coef = result.coefficients
+        else:  # state untouched; the plain (non-finite) mean-sum goes to .grad, so a GradScaler skips
+            self.nonfinite = self._diagnose(plans, pieces)
+            state.last_result = None
+            counters.calls["skipped_step"] += 1
+            coef = torch.ones((num_blocks, m), dtype=torch.float64, device=buf.device)
         if self.strategy == "sharded":
             pending = []
             for plan in plans:
@@ -246,22 +277,42 @@ class _DDPRuntime:
                 self._resolve(plan, combine(plan.stash, coef, plan.full_segments))
         self.step_done = True
 
+    def _diagnose(self, plans: list[_BucketPlan], pieces: list[Tensor]) -> NonFiniteGradientError:
+        """Names a task and parameter whose gradient is not finite (error path: one extra all-reduce)."""
+        m, num_params = self.state.num_tasks, len(self.param_names)
+        flags = torch.zeros((m, num_params), dtype=torch.float64, device=pieces[0].device)
+        for plan, piece in zip(plans, pieces):
+            for index, start, stop in plan.param_segments:
+                flags[:, index] += (~torch.isfinite(piece[:, start:stop])).any(dim=1).double()
+        all_reduce_sum(flags, self.state.process_group, self.state.counters, "nonfinite_diagnosis")
+        bad = flags.nonzero()
+        task, where = (int(bad[0, 0]), self.param_names[int(bad[0, 1])]) if bad.numel() else (None, None)
+        return NonFiniteGradientError(nonfinite_message(task, where, " on at least one rank"), task, where)
+
     def _resolve(self, plan: _BucketPlan, value: Tensor) -> None:
         fut, plan.future = plan.future, None
         assert fut is not None, "every bucket of the last pass must have an open future"
         fut.set_result(value)
 
 
-def _non_finite_message(gram: Tensor, layout: BlockLayout) -> str:
-    diag = torch.diagonal(gram, dim1=1, dim2=2)  # [K, m]
-    bad = (~torch.isfinite(diag)).nonzero().tolist()
-    if bad:
-        k, i = bad[0]
-        return (
-            f"GradVac: task {i}'s gradient is not finite (inf or NaN) in block {layout.names[k]!r}, on at least one "
-            "rank. Lower the learning rate or unscale with a GradScaler; the step was not applied."
+def check_state_in_sync(state: GradVacState) -> None:
+    """Raises on every rank if the ranks' targets, generator state or step count differ."""
+    traj = state.trajectory
+    parts = {
+        "step count": torch.tensor([traj.step], dtype=torch.float64),
+        "order generator state": traj.generator.get_state(),
+    }
+    if traj.targets is not None:
+        parts["EMA targets"] = traj.targets
+    differing = differing_entries(parts, state.process_group, state.counters)
+    if differing:
+        what = "; ".join(
+            f"{name} (entry {i}: from {lo!r} to {hi!r} across ranks)" for name, (i, lo, hi) in differing.items()
         )
-    return "GradVac: a Gramian is not finite (inf or NaN) on at least one rank; the step was not applied."
+        raise RuntimeError(
+            f"GradVac ranks are out of sync after step {traj.step}: {what}. Every rank must run the same "
+            "steps with the same seed and checkpoint; restore all ranks from one checkpoint (state_dict)."
+        )
 
 
 def _find_state(ddp: DistributedDataParallel) -> GradVacState:
@@ -308,9 +359,7 @@ def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor]) -> None
     if runtime is None:
         runtime = state._runtime = _DDPRuntime(state, ddp)
     elif runtime.module is not ddp:
-        raise ValueError(
-            "this GradVacState is already used by another DDP module; create one GradVacState per model."
-        )
+        raise ValueError("this GradVacState is already used by another DDP module; create one GradVacState per model.")
     try:
         for task, loss in enumerate(losses):
             runtime.begin_pass(task)
@@ -319,5 +368,10 @@ def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor]) -> None
             runtime.end_pass()
         if not runtime.step_done:
             raise RuntimeError("the last backward pass did not complete the GradVac step (no last bucket seen).")
+        runtime.steps_driven += 1
+        if runtime.nonfinite is not None and state.config.on_nonfinite == "raise":
+            raise runtime.nonfinite
+        if state.check_sync_every and runtime.steps_driven % state.check_sync_every == 0:
+            check_state_in_sync(state)
     finally:
         runtime.disarm()

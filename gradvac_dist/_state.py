@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._errors import ON_NONFINITE
 from ._step import GradVacStepResult, draw_order, gradvac_step
 
 __all__ = ["GradVacConfig", "Trajectory"]
@@ -36,11 +37,16 @@ class GradVacConfig:
         beta: EMA rate of the targets, in ``[0, 1]`` (paper and LibMTL default 0.5).
         eps: stabiliser of both denominators, ``>= 0`` (default 1e-8, as LibMTL).
         seed: seed of the CPU generator the visiting orders are drawn from.
+        on_nonfinite: what a step with an inf/NaN task gradient does: ``"raise"`` a
+            :class:`~gradvac_dist.NonFiniteGradientError` (default), or ``"skip"``: leave the
+            state untouched and return the plain (non-finite) sum of the task gradients, so that
+            a ``GradScaler`` skips the optimizer step and lowers its scale.
     """
 
     beta: float = 0.5
     eps: float = 1e-8
     seed: int = 0
+    on_nonfinite: str = "raise"
 
     def __post_init__(self) -> None:
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0.0 <= self.beta <= 1.0:
@@ -49,6 +55,8 @@ class GradVacConfig:
             raise ValueError(f"eps must be a number >= 0, got {self.eps!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}.")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}.")
 
 
 def check_num_tasks(num_tasks: Any) -> int:
@@ -206,6 +214,14 @@ class GradVacState:
         shared_params: names (or name prefixes, e.g. ``"encoder"``) of the wrapped module's
             parameters GradVac acts on; every other parameter gets the plain sum of its task
             gradients. ``None``: all parameters.
+        on_nonfinite: ``"raise"`` (default): a step whose task gradients hold inf/NaN on any rank
+            raises :class:`~gradvac_dist.NonFiniteGradientError` on every rank; ``"skip"``: the
+            state is left untouched and ``.grad`` gets the plain (non-finite) mean-sum, so that a
+            ``GradScaler`` skips the optimizer step. The decision rides on the Gramian all-reduce:
+            no extra collective (naming the parameter in the error costs one, on that path only).
+        check_sync_every: if set, every that many steps all ranks check (one small all-reduce) that
+            they hold identical targets, generator state and step count, and raise a
+            ``RuntimeError`` naming what differs. Off by default.
     """
 
     __slots__ = (  # noqa: RUF023 (grouped by purpose, as PowerSGDState)
@@ -215,6 +231,7 @@ class GradVacState:
         "grouping",
         "strategy",
         "shared_params",
+        "check_sync_every",
         # communication
         "process_group",
         "counters",
@@ -235,12 +252,14 @@ class GradVacState:
         process_group: Any = None,
         strategy: str | None = None,
         shared_params: Any = None,
+        on_nonfinite: str = "raise",
+        check_sync_every: int | None = None,
     ) -> None:
         from ._blocks import GROUPINGS
         from ._comm import STRATEGIES, CommCounters
 
         self.num_tasks = check_num_tasks(num_tasks)
-        self.config = GradVacConfig(beta=beta, eps=eps, seed=seed)
+        self.config = GradVacConfig(beta=beta, eps=eps, seed=seed, on_nonfinite=on_nonfinite)
         if grouping not in GROUPINGS:
             raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}.")
         if strategy is not None and strategy not in STRATEGIES:
@@ -254,6 +273,11 @@ class GradVacState:
                     "shared_params must be a non-empty list of parameter names or name prefixes of the wrapped "
                     f"module (e.g. ['encoder']), got {shared_params!r}."
                 )
+        if check_sync_every is not None and (
+            isinstance(check_sync_every, bool) or not isinstance(check_sync_every, int) or check_sync_every < 1
+        ):
+            raise ValueError(f"check_sync_every must be None or an int >= 1 (steps), got {check_sync_every!r}.")
+        self.check_sync_every = check_sync_every
         self.grouping = grouping
         self.strategy = strategy
         self.shared_params = shared_params
@@ -298,6 +322,7 @@ class GradVacState:
             "grouping": self.grouping,
             "strategy": self.strategy,
             "shared_params": self.shared_params,
+            "check_sync_every": self.check_sync_every,
             "trajectory": self.trajectory.state_dict(),
         }
 
@@ -309,6 +334,7 @@ class GradVacState:
         self.grouping = state["grouping"]
         self.strategy = state["strategy"]
         self.shared_params = state["shared_params"]
+        self.check_sync_every = state["check_sync_every"]
         self.process_group = None
         self.counters = CommCounters()
         self.trajectory = Trajectory(self.config.seed, self.num_tasks)

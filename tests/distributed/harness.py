@@ -216,6 +216,7 @@ def run_distributed(
     timeout: float = 60.0,
     grace: float = 5.0,
     backend: str = "gloo",
+    expect_dead: frozenset[int] = frozenset(),
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` fresh gloo ranks.
@@ -226,6 +227,8 @@ def run_distributed(
     traceback of every failing rank, or ``DistributedTimeoutError`` (also an ``AssertionError``)
     with the stacks of the ranks still running after ``timeout`` seconds (start-up included).
     ``grace``: how long the other ranks may keep running after one rank failed.
+    ``expect_dead``: ranks that are meant to die without reporting (fault-injection tests); their
+    result is ``None`` and their death is not a failure.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -281,6 +284,10 @@ def run_distributed(
                     kind, value = pickle.loads(conn.recv_bytes())
                 except (EOFError, OSError):
                     procs[rank].join(timeout=2)
+                    if rank in expect_dead:
+                        results[rank] = None
+                        conn.close()
+                        continue
                     kind, value = (
                         _ERR,
                         (
