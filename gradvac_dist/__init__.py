@@ -7,6 +7,7 @@ Multi-task Optimization in Massively Multilingual Models", ICLR 2021, https://ar
 from ._aggregator import GradVac
 from ._backward import backward
 from ._blocks import GROUPINGS
+from ._checkpoint import load_checkpoint, save_checkpoint
 from ._comm import STRATEGIES, CommCounters
 from ._ddp import gradvac_hook
 from ._errors import NonFiniteGradientError
@@ -26,6 +27,8 @@ __all__ = [
     "draw_order",
     "gradvac_hook",
     "gradvac_step",
+    "load_checkpoint",
+    "save_checkpoint",
 ]
 
 __version__ = "0.1.0"
