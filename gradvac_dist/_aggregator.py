@@ -47,6 +47,8 @@ class GradVac:
         self._trajectory = Trajectory(seed)
         self.last_result: GradVacStepResult | None = None
         self.skipped_steps = 0
+        # micro-batch accumulation of backward(..., sync=False): (parameter ids, [m, n] sum so far)
+        self._pending: tuple[tuple[int, ...], Tensor] | None = None
 
     def __repr__(self) -> str:
         c = self.config
@@ -102,6 +104,24 @@ class GradVac:
         result = self._trajectory.advance(gramians, sizes, self.config)
         self.last_result = result
         return combine(jacobian, result.coefficients, segments)
+
+    def _accumulate(self, jacobian: Tensor, params: Sequence[Any], sync: bool) -> Tensor | None:
+        """Adds a micro-batch's Jacobian to the pending sum; returns the total when ``sync``."""
+        key = tuple(id(p) for p in params)
+        if self._pending is not None:
+            pending_key, pending = self._pending
+            if pending_key != key or pending.shape != jacobian.shape:
+                self._pending = None
+                raise ValueError(
+                    "backward(..., sync=False) accumulated gradients of other parameters or another number of "
+                    "tasks than this call's; accumulate the same model and losses until the sync=True call."
+                )
+            jacobian = pending.add_(jacobian)
+        if not sync:
+            self._pending = (key, jacobian)
+            return None
+        self._pending = None
+        return jacobian
 
     def state_dict(self) -> dict[str, Any]:
         """Targets, generator state and step count: what a resumed run needs to continue exactly."""

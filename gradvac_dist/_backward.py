@@ -65,6 +65,7 @@ def backward(
     *,
     grouping: str = "whole",
     shared_params: Iterable[nn.Parameter] | None = None,
+    sync: bool = True,
 ) -> None:
     """Computes GradVac's aggregated gradient of ``losses`` and writes it into the parameters' ``.grad``.
 
@@ -81,6 +82,10 @@ def backward(
         grouping: ``"whole"``, ``"parameter"`` or ``"module"`` (plain modules only).
         shared_params: the parameters GradVac acts on (e.g. a shared encoder); every other
             parameter receives the plain sum of its task gradients, LibMTL's convention for heads.
+        sync: gradient accumulation. ``False``: only add each task's gradient of this micro-batch
+            to a per-task accumulator (no communication, ``.grad`` untouched; under DDP run the
+            forward inside ``ddp.no_sync()``, as for any DDP accumulation). ``True`` (the last
+            micro-batch): GradVac runs once, on the accumulated per-task gradients.
     """
     from ._ddp import ddp_backward, is_ddp  # local: the DDP room imports this one's helpers
 
@@ -91,7 +96,7 @@ def backward(
                 "backward(ddp_model, losses): the DDP path takes its GradVac state from the registered "
                 "comm hook; drop the aggregator argument (configure GradVacState instead)."
             )
-        ddp_backward(model, losses)
+        ddp_backward(model, losses, sync=sync)
         return
     _reject_unsupported_wrappers(model)
     if not isinstance(aggregator, GradVac):
@@ -104,6 +109,9 @@ def backward(
         raise ValueError("the model has no parameter with requires_grad=True.")
     layout = layout_of(model, params, grouping, shared_params)
     jac = task_jacobian(losses, params)
+    jac = aggregator._accumulate(jac, params, sync)
+    if jac is None:
+        return
     try:
         aggregated = _aggregate_with_layout(aggregator, jac, layout)
     except NonFiniteGradientError as err:

@@ -93,6 +93,7 @@ class _BucketPlan:
         "length",
         "param_ids",
         "param_segments",
+        "params_in_bucket",
         "scratch",
         "shard",
         "shard_segments",
@@ -123,6 +124,7 @@ class _BucketPlan:
         self.length = buf.numel()
         assert start == self.length, "bucket buffer must be the concatenation of its parameters' gradients"
         self.full_segments = segments
+        self.params_in_bucket = by_param
         shard = shard_length(self.length, world)
         lo = min(rank * shard, self.length)
         hi = min(lo + shard, self.length)
@@ -168,6 +170,11 @@ class _DDPRuntime:
         self.step_done = False
         self.nonfinite: NonFiniteGradientError | None = None
         self.steps_driven = 0  # calls of ddp_backward: equal on all ranks, unlike a corrupted step count
+        self.params = params
+        self.offsets = [0]
+        for p in params:
+            self.offsets.append(self.offsets[-1] + p.numel())
+        self.pending: Tensor | None = None  # [m, n] local per-task sums of sync=False micro-batches
 
     # -- driving, called by ddp_backward -------------------------------------------------------
     def begin_pass(self, task: int) -> None:
@@ -187,8 +194,22 @@ class _DDPRuntime:
                 "DDP did not reduce every bucket in this pass (was the reducer prepared? is static_graph on?)."
             )
 
+    def accumulate(self, losses: Sequence[Tensor]) -> None:
+        """Adds each task's local gradient of a micro-batch to ``pending`` (no hook fires)."""
+        m = len(losses)
+        if self.pending is None:
+            first = self.params[0]
+            self.pending = torch.zeros((m, self.offsets[-1]), dtype=first.dtype, device=first.device)
+        for task, loss in enumerate(losses):
+            grads = torch.autograd.grad(loss, self.params, retain_graph=task < m - 1, allow_unused=True)
+            for i, g in enumerate(grads):
+                if g is not None:
+                    self.pending[task, self.offsets[i] : self.offsets[i + 1]].add_(g.reshape(-1))
+
     def disarm(self) -> None:
+        """Ends a synchronised step, finished or failed: open futures and accumulated micro-batches go."""
         self.armed = False
+        self.pending = None
         for plan in self.plans.values():
             plan.future = None
 
@@ -209,6 +230,9 @@ class _DDPRuntime:
         task, m = self.task, self.state.num_tasks
         group, counters = self.state.process_group, self.state.counters
         buf = bucket.buffer()
+        if self.pending is not None:  # earlier micro-batches of this step (gradient accumulation)
+            for index, start, stop in plan.params_in_bucket:
+                buf[start:stop].add_(self.pending[task, self.offsets[index] : self.offsets[index + 1]])
         buf.div_(self.world)
         if self.strategy == "sharded":
             if task > 0:
@@ -348,8 +372,12 @@ def check_ddp_configuration(ddp: DistributedDataParallel) -> None:
         )
 
 
-def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor]) -> None:
-    """Runs one backward pass per task through the DDP reducer; the hook does the rest."""
+def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor], sync: bool = True) -> None:
+    """Runs one backward pass per task through the DDP reducer; the hook does the rest.
+
+    ``sync=False`` (inside ``ddp.no_sync()``): accumulate each task's local gradient of this
+    micro-batch, no communication; the next ``sync=True`` step adds it to its buckets.
+    """
     state = _find_state(ddp)
     check_ddp_configuration(ddp)
     m = state.num_tasks
@@ -360,6 +388,14 @@ def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor]) -> None
         runtime = state._runtime = _DDPRuntime(state, ddp)
     elif runtime.module is not ddp:
         raise ValueError("this GradVacState is already used by another DDP module; create one GradVacState per model.")
+    if not sync:
+        if ddp.require_backward_grad_sync:
+            raise ValueError(
+                "backward(ddp, losses, sync=False) accumulates a micro-batch without communication and must run "
+                "inside `with ddp.no_sync():` (around the forward and this call), as any DDP gradient accumulation."
+            )
+        runtime.accumulate(losses)
+        return
     try:
         for task, loss in enumerate(losses):
             runtime.begin_pass(task)

@@ -237,3 +237,49 @@ def misuse_body(rank, world):
         if callable(fn) and name not in ("ddp_with",):
             out[name] = _capture(fn)
     return out
+
+
+def accumulation_body(rank, world, strategy, micro=3, steps=2):
+    """`micro` micro-batches per step: GradVac once, on each task's gradient summed over them."""
+    model = make_model()
+    plain = copy.deepcopy(model)
+    ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=0.002)
+    state = GradVacState(num_tasks=M, grouping="module", strategy=strategy)
+    ddp.register_comm_hook(state, gradvac_hook)
+    ref_agg = GradVac()
+    cols, sizes = block_columns(plain, "module", None)
+    errs, comm_during_accumulation = [], 0
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    ref_opt = torch.optim.SGD(plain.parameters(), lr=0.05)
+    for step in range(steps):
+        total_local = 0
+        for k in range(micro):
+            x, ys = batch(step * micro + k, rank, world)
+            total_local = total_local + local_jacobian(plain, x, ys)
+            before = sum(state.counters.calls.values())
+            if k < micro - 1:
+                with ddp.no_sync():
+                    gradvac_dist.backward(ddp, task_losses(ddp(x), ys), sync=False)
+                comm_during_accumulation += sum(state.counters.calls.values()) - before
+            else:
+                gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
+        gathered = [torch.empty_like(total_local) for _ in range(world)]
+        dist.all_gather(gathered, total_local)
+        expected = reference_grad(ref_agg, torch.stack(gathered).mean(0), cols, sizes)
+        got = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
+        errs.append(float((got - expected).norm() / expected.norm()))
+        opt.step()
+        opt.zero_grad()
+        off = 0
+        for p in plain.parameters():
+            p.grad = expected[off : off + p.numel()].view_as(p).clone()
+            off += p.numel()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    misuse = _capture(lambda: gradvac_dist.backward(ddp, task_losses(ddp(x), ys), sync=False))
+    return {
+        "errs": errs,
+        "comm": comm_during_accumulation,
+        "gramian": state.counters.calls["gramian_all_reduce"],
+        "misuse": misuse,
+    }

@@ -15,7 +15,10 @@ from tests.distributed.harness import run_distributed
 
 CONFIGS = [
     {"grouping": g, "strategy": s} for g in ("whole", "parameter", "module") for s in ("replicated", "sharded")
-] + [{"grouping": "module", "strategy": "sharded", "shared": ["encoder"]}, {"grouping": "parameter", "strategy": "replicated", "shared": ["encoder", "gain"]}]
+] + [
+    {"grouping": "module", "strategy": "sharded", "shared": ["encoder"]},
+    {"grouping": "parameter", "strategy": "replicated", "shared": ["encoder", "gain"]},
+]
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -108,3 +111,12 @@ def test_state_pickles_without_process_group_and_validates():
             GradVacState(**kwargs)
     with pytest.raises(ValueError, match="grouping 'whole' differs"):
         state.load_state_dict(dict(state.state_dict(), grouping="whole"))
+
+
+@pytest.mark.parametrize("strategy", ["replicated", "sharded"])
+def test_gradient_accumulation_runs_gradvac_once_on_accumulated_gradients(strategy):
+    for res in run_distributed(ddp_bodies.accumulation_body, 2, strategy, timeout=120):
+        assert max(res["errs"]) < 1e-10, res["errs"]
+        assert res["comm"] == 0, "micro-batches under no_sync must not communicate"
+        assert res["gramian"] == 2, "one GradVac step per optimizer step"
+        assert res["misuse"][0] == "ValueError" and "inside `with ddp.no_sync():`" in res["misuse"][1]

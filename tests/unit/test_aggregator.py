@@ -195,3 +195,30 @@ def test_backward_accumulates_and_validates():
         gradvac_dist.backward(model, [torch.ones(2, requires_grad=True)], agg)
     with pytest.raises(ValueError, match="does not require grad"):
         gradvac_dist.backward(model, [torch.tensor(1.0)], agg)
+
+
+def test_backward_gradient_accumulation():
+    """sync=False micro-batches add up per task; GradVac runs once, on the sums."""
+    model = TwoHeads().to(DTYPE)
+    params = list(model.parameters())
+    micro_losses = [losses_of(model, seed=s) for s in range(3)]
+    total = 0
+    for losses in micro_losses:
+        rows = []
+        for loss in losses:
+            gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            rows.append(
+                torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params)])
+            )
+        total = total + torch.stack(rows)
+    expected = GradVac(seed=1)(total)
+    agg = GradVac(seed=1)
+    for k, losses in enumerate(micro_losses):
+        gradvac_dist.backward(model, losses, agg, sync=k == 2)
+        if k < 2:
+            assert all(p.grad is None for p in params) and agg.step == 0
+    assert agg.step == 1
+    assert torch.allclose(torch.cat([p.grad.flatten() for p in params]), expected, rtol=RTOL, atol=RTOL * 1e-3)
+    gradvac_dist.backward(model, losses_of(model), agg, sync=False)
+    with pytest.raises(ValueError, match="accumulated gradients of other parameters"):
+        gradvac_dist.backward(model, losses_of(model)[:2], agg)
