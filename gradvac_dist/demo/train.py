@@ -1,0 +1,227 @@
+"""One process of the demo's distributed training; every rank runs this, rank 0 reports.
+
+Started by the demo's own launcher (``python -m gradvac_dist.demo``), or directly by::
+
+    torchrun --nproc_per_node 2 -m gradvac_dist.demo.train [options]
+    accelerate launch --multi_gpu --num_processes 2 --main_process_ip 127.0.0.1 \\
+        --main_process_port 29500 -m gradvac_dist.demo.train [options]
+
+(``accelerate launch`` on a CPU machine starts the processes with ``--multi_gpu``; the demo uses
+plain ``torch.distributed`` with the launcher's environment, so no Accelerator object is needed.)
+Run without a launcher, it starts one itself, as ``python -m gradvac_dist.demo`` does.
+
+Each method trains a freshly seeded model (same initial weights), on the same batches: a
+``DistributedSampler`` with the same seed, epoch by epoch. The GradVac run wraps the model in
+``DistributedDataParallel(find_unused_parameters=True)`` with :func:`gradvac_dist.gradvac_hook`
+registered and steps with ``gradvac_dist.backward(ddp, losses)``; GradVac acts on the shared trunk
+(``shared_params=["trunk"]``), and each head gets the plain sum of its task gradients (its own).
+The baseline wraps it in a plain ``DistributedDataParallel`` and calls ``sum(losses).backward()``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler, TensorDataset
+
+from .. import GradVacState, backward, gradvac_hook
+from .data import TaskData, load
+from .options import parse_args
+
+__all__ = ["METHODS", "MultiTaskMLP", "launcher_env", "main"]
+
+#: (key in the outputs, label in the table and figure)
+METHODS: tuple[tuple[str, str], ...] = (("gradvac", "GradVac"), ("sum", "sum"))
+
+
+class MultiTaskMLP(nn.Module):
+    """A shared trunk (two ReLU layers) and one linear head per task."""
+
+    def __init__(self, in_features: int, hidden: int, num_classes: list[int]) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.heads = nn.ModuleList(nn.Linear(hidden, c) for c in num_classes)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        h = self.trunk(x)
+        return [head(h) for head in self.heads]
+
+
+@dataclass
+class MethodRun:
+    """What one method's run produced (per-step records are kept on rank 0 only)."""
+
+    records: list[dict] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    heldout_accuracy: dict[str, float] = field(default_factory=dict)
+    train_seconds: float = 0.0
+
+
+def launcher_env() -> tuple[int, int, int, int] | None:
+    """(rank, world size, local rank, local world size) set by torchrun / accelerate, or None."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    world = int(os.environ["WORLD_SIZE"])
+    return (
+        int(os.environ["RANK"]),
+        world,
+        int(os.environ.get("LOCAL_RANK", "0")),
+        int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+    )
+
+
+def pair_names(names: list[str]) -> list[tuple[int, int, str]]:
+    return [(i, j, f"{names[i]}/{names[j]}") for i in range(len(names)) for j in range(i + 1, len(names))]
+
+
+def _pair_means(matrix: Tensor, pairs) -> dict[str, float]:
+    """Unordered pair (i, j): mean of the (i, j) and (j, i) entries of an ``[m, m]`` matrix."""
+    return {name: round(0.5 * float(matrix[i, j] + matrix[j, i]), 6) for i, j, name in pairs}
+
+
+def _batches(sampler: DistributedSampler, batch_size: int):
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), dtype=torch.long)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+        epoch += 1
+
+
+def train_method(
+    method: str, label: str, args, data: TaskData, device: torch.device, rank: int, world: int
+) -> MethodRun:
+    names = [t.name for t in data.tasks]
+    m = len(names)
+    pairs = pair_names(names)
+    torch.manual_seed(args.seed)  # the same initial weights for every method
+    model = MultiTaskMLP(data.num_features, args.hidden, [t.num_classes for t in data.tasks]).to(device)
+    device_ids = [device.index] if device.type == "cuda" else None
+    state: GradVacState | None = None
+    if method == "gradvac":
+        ddp = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+        state = GradVacState(
+            num_tasks=m, beta=args.beta, eps=1e-8, seed=args.seed, grouping=args.grouping, shared_params=["trunk"]
+        )
+        ddp.register_comm_hook(state, gradvac_hook)
+    else:
+        ddp = DistributedDataParallel(model, device_ids=device_ids)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    sampler = DistributedSampler(
+        TensorDataset(data.x_train), num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True
+    )
+    batches = _batches(sampler, args.batch_size)
+    run = MethodRun()
+    bar = None
+    if rank == 0 and not args.no_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=args.steps, desc=f"{label:>7}", unit="step", dynamic_ncols=True, mininterval=0.2)
+    start = time.perf_counter()
+    for step in range(args.steps):
+        index = next(batches).to(device)
+        xb, yb = x_train[index], y_train[index]
+        t0 = time.perf_counter()
+        outputs = ddp(xb)
+        losses = [F.cross_entropy(out, yb[:, i]) for i, out in enumerate(outputs)]
+        if state is not None:
+            backward(ddp, losses)
+        else:
+            torch.stack(losses).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_time = time.perf_counter() - t0
+        # Logging, outside the timed region: the task losses averaged over the processes.
+        mean_losses = torch.stack([loss.detach() for loss in losses])
+        dist.all_reduce(mean_losses)
+        mean_losses = (mean_losses / world).tolist()
+        if rank == 0:
+            run.step_times.append(step_time)
+            record = {
+                "method": method,
+                "step": step,
+                "losses": {n: round(v, 6) for n, v in zip(names, mean_losses)},
+                "step_time_s": round(step_time, 6),
+            }
+            if state is not None:
+                result = state.last_result
+                record["cosines"] = _pair_means(result.cosines.mean(0), pairs)
+                record["targets"] = _pair_means(result.targets.mean(0), pairs)
+                record["corrected"] = _pair_means(result.corrected.double().mean(0), pairs)
+            run.records.append(record)
+            if bar is not None:
+                bar.set_postfix_str(" ".join(f"{n}={v:.3f}" for n, v in zip(names, mean_losses)), refresh=False)
+                bar.update(1)
+    run.train_seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    if rank == 0:
+        model.eval()
+        with torch.no_grad():
+            outputs = model(data.x_heldout.to(device))
+        y = data.y_heldout.to(device)
+        run.heldout_accuracy = {
+            n: float((out.argmax(1) == y[:, i]).double().mean()) for i, (n, out) in enumerate(zip(names, outputs))
+        }
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    env = launcher_env()
+    if env is None:  # not under a launcher: start one, as `python -m gradvac_dist.demo` does
+        from .launch import launch
+
+        return launch(argv)
+    rank, world, local_rank, local_world = env
+    args = parse_args(argv, launched_world=world, local_world=local_world)
+    if args.backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(args.backend)
+    try:
+        data = load(args.tasks)
+        runs = {}
+        for method, label in METHODS:
+            runs[method] = train_method(method, label, args, data, device, rank, world)
+        if rank == 0:
+            from .report import write_report
+
+            write_report(args, data, runs, device)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def run_as_script(argv: list[str] | None = None) -> None:
+    """Runs :func:`main` and leaves with ``os._exit`` under a launcher: it sidesteps the rare SIGABRT
+    during interpreter shutdown after ``destroy_process_group()`` (torch-distributed-facts.md)."""
+    under_launcher = launcher_env() is not None
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=sys.stderr)
+    if not under_launcher:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    run_as_script()
