@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job: sets up .venv (once), then trains GradVac and the summed-loss baseline on 2 processes
+# and writes runs/demo/{metrics.jsonl,summary.json,demo.png}. Options: bash launch/demo.sh --help
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+exec .venv/bin/python -m gradvac_dist.demo "$@"
