@@ -99,8 +99,8 @@ def reference_grad(agg: GradVac, mean_jac: torch.Tensor, cols, sizes) -> torch.T
     return out
 
 
-def run_config(rank, world, grouping, strategy, shared=None, steps=3, bucket_cap_mb=0.002, seed=0):
-    model = make_model(seed)
+def run_config(rank, world, grouping, strategy, shared=None, steps=3, bucket_cap_mb=0.002, seed=0, device="cpu"):
+    model = make_model(seed).to(device)
     plain = copy.deepcopy(model)
     ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=bucket_cap_mb)
     state = GradVacState(num_tasks=M, seed=7, grouping=grouping, strategy=strategy, shared_params=shared)
@@ -111,7 +111,7 @@ def run_config(rank, world, grouping, strategy, shared=None, steps=3, bucket_cap
     cols, sizes = block_columns(plain, grouping, shared)
     max_err = 0.0
     for step in range(steps):
-        x, ys = batch(step, rank, world)
+        x, ys = (t.to(device) for t in batch(step, rank, world))
         local = local_jacobian(plain, x, ys)
         gathered = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(gathered, local)
@@ -132,9 +132,9 @@ def run_config(rank, world, grouping, strategy, shared=None, steps=3, bucket_cap
         ref_opt.zero_grad()
     return {
         "max_rel_err": max_err,
-        "params": torch.cat([p.detach().flatten() for p in model.parameters()]),
-        "targets": state.trajectory.targets.clone(),
-        "ref_targets": ref_agg.targets.clone(),
+        "params": torch.cat([p.detach().flatten() for p in model.parameters()]).cpu(),
+        "targets": state.trajectory.targets.cpu(),
+        "ref_targets": ref_agg.targets.cpu(),
         "generator": state.trajectory.generator.get_state(),
         "calls": dict(state.counters.calls),
         "num_buckets": len(state._runtime.plans),
@@ -144,6 +144,11 @@ def run_config(rank, world, grouping, strategy, shared=None, steps=3, bucket_cap
 
 def equivalence_body(rank, world, configs):
     return [run_config(rank, world, **cfg) for cfg in configs]
+
+
+def cuda_equivalence_body(rank, world, configs):
+    torch.cuda.set_device(rank)
+    return [run_config(rank, world, device=f"cuda:{rank}", **cfg) for cfg in configs]
 
 
 def _train(ddp, state, opt, steps, start, rank, world):
