@@ -1,0 +1,559 @@
+"""DDP benchmark: GradVac-DDP against DDP baselines on 2 gloo ranks (127.0.0.1).
+
+    python -m gradvac_dist.bench.ddp               # full run (about half a minute on 2 idle cores)
+    python -m gradvac_dist.bench.ddp --quick       # smoke run, < 30 s
+    python -m gradvac_dist.bench.ddp --markdown bench_ddp.md --profile
+
+Side by side in one run (one process group; the variants interleaved round by round so that a
+shared machine's load drifts over all of them alike), m=3 tasks, an MLP of about 2.4M parameters
+(a shared trunk and 3 heads), float32, one thread per rank. Reported: the median over the timed
+steps of the slowest rank's step time (forward, backward pass(es), SGD step) for
+
+  (a) the same m backward passes with DDP's own all-reduce and no GradVac
+      (``reducer.prepare_for_backward`` before each pass, ``find_unused_parameters=True``);
+  (b) plain DDP on the summed loss, one backward pass;
+  (c) a naive distributed GradVac: local per-task gradients without DDP (m ``autograd.grad``
+      passes), ``all_gather`` of every rank's ``[m, n]`` matrix, rank mean, then LibMTL's per-pair
+      vector loop (:class:`gradvac_dist.bench.core.PlainLoopGradVac`) on every rank;
+  (d) GradVac-DDP, strategy ``"replicated"`` and (e) ``"sharded"`` (:func:`gradvac_dist.gradvac_hook`).
+
+Goal: a GradVac-DDP step <= 1.15x (a). Bytes each rank sends per step, three ways: the payload
+handed to the collectives (``GradVacState.counters``; for DDP's own buckets and the naive
+all-gather the same quantity counted here) turned into ring-algorithm bytes; the README's cost
+formula; and MEASURED, the loopback interface's transmit counter (``/proc/net/dev``, ``lo``) read
+around N steps of each variant, divided by ranks and steps. ``lo`` counts all of the machine's
+loopback traffic, so that column is clean only on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .. import GradVacState, gradvac_hook
+from .. import backward as gradvac_backward
+from ._timing import Report, Table, machine_line, pass_fail
+from .core import PlainLoopGradVac
+
+__all__ = ["main"]
+
+GOAL = 1.15
+M = 3
+VARIANTS = ("a", "b", "c", "d", "e")
+LABELS = {
+    "a": "(a) m-pass DDP, no GradVac",
+    "b": "(b) DDP, summed loss",
+    "c": "(c) naive GradVac, all_gather",
+    "d": "(d) GradVac-DDP replicated",
+    "e": "(e) GradVac-DDP sharded",
+}
+
+
+@dataclass
+class Config:
+    world: int = 2
+    batch: int = 64  # per rank
+    in_dim: int = 512
+    hidden: int = 1024
+    head_hidden: int = 192
+    check_steps: int = 3  # first steps: GradVac-DDP's .grad compared with (c)'s
+    warmup: int = 2
+    steps: int = 20  # timed steps per variant
+    per_round: int = 2  # consecutive steps of one variant before the next variant's turn
+    traffic_steps: int = 5
+    bucket_cap_mb: float = 25.0
+    profile: bool = False
+    timeout: float = 600.0
+    variants: tuple[str, ...] = VARIANTS
+
+
+@dataclass
+class RankResult:
+    times: dict[str, list[float]] = field(default_factory=dict)  # seconds, per timed step
+    lo_tx: dict[str, float] = field(default_factory=dict)  # bytes per rank per step (rank 0 reads lo)
+    payload: dict[str, dict[str, int]] = field(default_factory=dict)  # per step: collective -> bytes
+    calls: dict[str, dict[str, float]] = field(default_factory=dict)  # per step: collective -> count
+    diff: dict[str, float] = field(default_factory=dict)  # max rel. |.grad - (c)'s| over the check steps
+    corrections: dict[str, int] = field(default_factory=dict)  # GradVac corrections in the check steps
+    profile: dict[str, dict[str, float]] = field(default_factory=dict)  # variant -> phase -> ms/step
+    num_params: int = 0
+    num_buckets: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and variants (inside each rank)
+# ---------------------------------------------------------------------------------------------
+
+
+class MultiTaskMLP(nn.Module):
+    """A shared trunk and one small head per task (2.40M parameters with the defaults)."""
+
+    def __init__(self, in_dim: int, hidden: int, head_hidden: int, m: int = M) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, in_dim)
+        )
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.ReLU(), nn.Linear(in_dim, head_hidden), nn.ReLU(), nn.Linear(head_hidden, 1))
+            for _ in range(m)
+        )
+
+        # Heads 0 and 1 start equal and get opposed targets: their trunk gradients conflict, so
+        # GradVac has corrections to make from the first step on.
+        self.heads[1].load_state_dict(self.heads[0].state_dict())
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        z = self.trunk(x)
+        return [head(z).squeeze(-1) for head in self.heads]
+
+
+def _losses(outs: list[Tensor], ys: Tensor) -> list[Tensor]:
+    return [((outs[i] - ys[i]) ** 2).mean() for i in range(M)]
+
+
+class _Variant:
+    """One training setup on an identically initialised model: ``grads()`` fills ``.grad``."""
+
+    def __init__(self, key: str, cfg: Config, x: Tensor, ys: Tensor) -> None:
+        self.key, self.x, self.ys = key, x, ys
+        self.world = dist.get_world_size()
+        torch.manual_seed(0)
+        module = MultiTaskMLP(cfg.in_dim, cfg.hidden, cfg.head_hidden)
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.n = sum(p.numel() for p in self.params)
+        self.state: GradVacState | None = None
+        self.payload: dict[str, int] = {}  # counted here for the variants without a GradVacState
+        self.model: nn.Module
+        if key in ("a", "d", "e"):
+            self.model = DistributedDataParallel(module, find_unused_parameters=True, bucket_cap_mb=cfg.bucket_cap_mb)
+        elif key == "b":
+            self.model = DistributedDataParallel(module, bucket_cap_mb=cfg.bucket_cap_mb)
+        else:
+            self.model = module
+            self.loop = PlainLoopGradVac(M, [self.n], seed=0)
+            self.gathered = torch.empty(self.world, M, self.n)
+        if key in ("d", "e"):
+            self.state = GradVacState(num_tasks=M, seed=0, strategy="replicated" if key == "d" else "sharded")
+            self.model.register_comm_hook(self.state, gradvac_hook)
+        self.optimizer = torch.optim.SGD(module.parameters(), lr=1e-3)
+
+    def grads(self) -> None:
+        losses = _losses(self.model(self.x), self.ys)
+        if self.key == "a":
+            for i, loss in enumerate(losses):
+                self.model.reducer.prepare_for_backward([loss])
+                loss.backward(retain_graph=i < M - 1)
+            self._count("ddp_all_reduce", M * self.n * 4)  # DDP all-reduces every bucket in every pass
+        elif self.key == "b":
+            torch.stack(losses).sum().backward()
+            self._count("ddp_all_reduce", self.n * 4)
+        elif self.key in ("d", "e"):
+            gradvac_backward(self.model, losses)
+        else:
+            jac = torch.empty(M, self.n)
+            for i, loss in enumerate(losses):
+                gs = torch.autograd.grad(loss, self.params, retain_graph=i < M - 1, allow_unused=True)
+                flat = [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, self.params)]
+                torch.cat(flat, out=jac[i])
+            dist.all_gather(list(self.gathered.unbind(0)), jac)
+            self._count("naive_all_gather", self.gathered.numel() * 4)
+            aggregated = self.loop(self.gathered.mean(0))
+            offset = 0
+            for p in self.params:
+                p.grad = aggregated[offset : offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
+
+    def _count(self, name: str, nbytes: int) -> None:
+        self.payload[name] = self.payload.get(name, 0) + nbytes
+
+    def update(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=False)
+
+    def step(self) -> None:
+        self.grads()
+        self.update()
+
+    def flat_grad(self) -> Tensor:
+        return torch.cat([p.grad.reshape(-1) for p in self.params])
+
+    def reset_counts(self) -> None:
+        self.payload.clear()
+        if self.state is not None:
+            self.state.counters.reset()
+
+    def counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        if self.state is not None:
+            return dict(self.state.counters.bytes), dict(self.state.counters.calls)
+        return dict(self.payload), {}
+
+
+def _lo_tx_bytes() -> int | None:
+    """Bytes transmitted so far on the loopback interface, or None where /proc/net/dev has no lo."""
+    try:
+        with open("/proc/net/dev") as fh:
+            for line in fh:
+                name, _, rest = line.partition(":")
+                if name.strip() == "lo":
+                    return int(rest.split()[8])
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
+
+
+class _Profiler:
+    """Wall time of the hook's phases, by wrapping the names ``gradvac_dist._ddp`` calls (bench only)."""
+
+    PHASES = ("hook", "finish_step", "gramians", "gramian_all_reduce", "gradvac_step", "combine")
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = dict.fromkeys(self.PHASES, 0.0)
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def _wrap(self, owner: Any, name: str, phase: str) -> None:
+        original = getattr(owner, name)
+        totals = self.totals
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                totals[phase] += time.perf_counter() - start
+
+        self._saved.append((owner, name, original))
+        setattr(owner, name, timed)
+
+    def install(self) -> None:
+        from .. import _ddp, _state
+
+        self._wrap(_ddp._DDPRuntime, "on_bucket", "hook")  # every bucket of every pass, finish_step included
+        self._wrap(_ddp._DDPRuntime, "_finish_step", "finish_step")
+        self._wrap(_ddp, "partial_gramians", "gramians")
+        self._wrap(_ddp, "all_reduce_sum", "gramian_all_reduce")
+        self._wrap(_state.Trajectory, "advance", "gradvac_step")
+        self._wrap(_ddp, "combine", "combine")
+
+    def uninstall(self) -> None:
+        for owner, name, original in reversed(self._saved):
+            setattr(owner, name, original)
+        self._saved.clear()
+
+
+def _rank_main(rank: int, cfg: Config) -> RankResult:
+    world = cfg.world
+    gen = torch.Generator().manual_seed(1234)
+    x_all = torch.randn(world * cfg.batch, cfg.in_dim, generator=gen)
+    ys_all = torch.randn(M, world * cfg.batch, generator=gen)
+    ys_all[1] = -ys_all[0] + 0.5 * ys_all[1]  # opposed to task 0: conflicting gradients
+    rows = slice(rank * cfg.batch, (rank + 1) * cfg.batch)
+    x, ys = x_all[rows].contiguous(), ys_all[:, rows].contiguous()
+
+    variants = {k: _Variant(k, cfg, x, ys) for k in cfg.variants}
+    out = RankResult(num_params=next(iter(variants.values())).n)
+
+    # The first steps check that GradVac-DDP computes what the naive GradVac computes (same init,
+    # same data, same orders): a benchmark of a wrong result would be worthless.
+    checked = [k for k in ("c", "d", "e") if k in variants]
+    for _ in range(cfg.check_steps if "c" in variants else 0):
+        reference = None
+        for k in checked:
+            v = variants[k]
+            v.grads()
+            flat = v.flat_grad()
+            if reference is None:
+                reference = flat
+            else:
+                rel = float((flat - reference).abs().max() / reference.abs().max())
+                out.diff[k] = max(out.diff.get(k, 0.0), rel)
+                assert v.state is not None and v.state.last_result is not None
+                out.corrections[k] = out.corrections.get(k, 0) + int(v.state.last_result.corrected.sum())
+            v.update()
+    for v in variants.values():
+        for _ in range(cfg.warmup):
+            v.step()
+    for v in variants.values():
+        if v.state is not None and v.state._runtime is not None:
+            out.num_buckets = len(v.state._runtime.plans)
+
+    # Timed steps, interleaved: each round runs `per_round` steps of every variant in turn.
+    out.times = {k: [] for k in variants}
+    done = 0
+    while done < cfg.steps:
+        count = min(cfg.per_round, cfg.steps - done)
+        for k, v in variants.items():
+            dist.barrier()
+            for _ in range(count):
+                start = time.perf_counter()
+                v.step()
+                out.times[k].append(time.perf_counter() - start)
+        done += count
+
+    # Bytes per step: payload counters, and the loopback transmit counter around `traffic_steps`.
+    for k, v in variants.items():
+        v.reset_counts()
+        dist.barrier()
+        before = _lo_tx_bytes()
+        for _ in range(cfg.traffic_steps):
+            v.step()
+        dist.barrier()  # every byte of the steps has been received once the barrier returns
+        after = _lo_tx_bytes()
+        nbytes, calls = v.counts()
+        out.payload[k] = {name: b // cfg.traffic_steps for name, b in nbytes.items()}
+        out.calls[k] = {name: c / cfg.traffic_steps for name, c in calls.items()}
+        if rank == 0 and before is not None and after is not None:
+            out.lo_tx[k] = (after - before) / world / cfg.traffic_steps
+
+    if cfg.profile:
+        profiler = _Profiler()
+        profiler.install()
+        try:
+            for k in ("d", "e"):
+                if k not in variants:
+                    continue
+                profiler.totals.update(dict.fromkeys(profiler.PHASES, 0.0))
+                dist.barrier()
+                start = time.perf_counter()
+                for _ in range(cfg.steps):
+                    variants[k].step()
+                ms = {phase: 1e3 * t / cfg.steps for phase, t in profiler.totals.items()}
+                ms["step"] = 1e3 * (time.perf_counter() - start) / cfg.steps
+                out.profile[k] = ms
+        finally:
+            profiler.uninstall()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch: spawned gloo ranks, file rendezvous (no port), loopback only, os._exit at the end
+# ---------------------------------------------------------------------------------------------
+
+
+def _worker(rank: int, cfg: Config, init_file: str, conn: Any) -> None:
+    code = 1
+    try:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo talks over 127.0.0.1 only
+        torch.set_num_threads(1)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:
+            pass
+        dist.init_process_group(
+            "gloo",
+            init_method="file://" + init_file,
+            rank=rank,
+            world_size=cfg.world,
+            timeout=datetime.timedelta(seconds=cfg.timeout),
+        )
+        try:
+            result = _rank_main(rank, cfg)
+            conn.send_bytes(pickle.dumps(("ok", asdict(result))))
+            code = 0
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        try:
+            conn.send_bytes(pickle.dumps(("err", traceback.format_exc())))
+        except BaseException:
+            pass
+    finally:
+        # A normal interpreter exit after destroy_process_group() sometimes aborts (see the facts file).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _launch(cfg: Config) -> list[dict[str, Any]]:
+    ctx = multiprocessing.get_context("spawn")
+    tmp = tempfile.mkdtemp(prefix="gradvac_bench_ddp_")
+    procs, conns = [], {}
+    try:
+        for rank in range(cfg.world):
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_worker, args=(rank, cfg, os.path.join(tmp, "rendezvous"), send), daemon=True)
+            proc.start()
+            send.close()
+            procs.append(proc)
+            conns[recv] = rank
+        results: dict[int, Any] = {}
+        deadline = time.monotonic() + cfg.timeout
+        while conns:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"benchmark ranks {sorted(conns.values())} did not finish in {cfg.timeout:g} s")
+            for conn in multiprocessing.connection.wait(list(conns), timeout=left):
+                rank = conns.pop(conn)
+                try:
+                    kind, value = pickle.loads(conn.recv_bytes())
+                except EOFError:
+                    kind, value = "err", f"rank {rank} died without a result (exit code {procs[rank].exitcode})"
+                if kind != "ok":
+                    raise RuntimeError(f"benchmark rank {rank} failed:\n{value}")
+                results[rank] = value
+        return [results[r] for r in range(cfg.world)]
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def ring_bytes(payload: dict[str, int], world: int) -> float:
+    """Bytes a rank sends with ring algorithms, from the payload handed to each collective.
+
+    All-reduce of P bytes: ``2 P (W-1)/W``; reduce-scatter (P = padded input) and all-gather
+    (P = gathered output): ``P (W-1)/W``.
+    """
+    total = 0.0
+    for name, p in payload.items():
+        if "all_reduce" in name:
+            total += 2 * p * (world - 1) / world
+        elif "reduce_scatter" in name or "all_gather" in name:
+            total += p * (world - 1) / world
+        else:
+            raise ValueError(f"unknown collective in the counters: {name!r}")
+    return total
+
+
+def formula_bytes(key: str, n: int, world: int, m: int = M, num_blocks: int = 1) -> float:
+    """The README's cost per rank and step in bytes: float32 gradients, float64 Gramians (+ m slots)."""
+    f = (world - 1) / world
+    gram = 2 * (num_blocks * m * m + m) * 8 * f
+    return {
+        "a": m * 2 * n * f * 4,  # m all-reduces of n
+        "b": 2 * n * f * 4,  # one all-reduce of n
+        "c": m * n * (world - 1) * 4,  # all-gather of every rank's m x n
+        "d": 2 * m * n * f * 4 + gram,  # ~2mn(W-1)/W
+        "e": (m + 1) * n * f * 4 + gram,  # ~(m+1)n(W-1)/W
+    }[key]
+
+
+def _report(cfg: Config, results: list[dict[str, Any]], elapsed: float) -> tuple[Report, bool]:
+    world, r0 = cfg.world, results[0]
+    n = r0["num_params"]
+    keys = [k for k in VARIANTS if k in cfg.variants]
+    # A step is over when the slowest rank is: per-step maximum over ranks, then the median.
+    per_step = {k: [max(r["times"][k][i] for r in results) * 1e3 for i in range(cfg.steps)] for k in keys}
+    med = {k: statistics.median(v) for k, v in per_step.items()}
+    base = med.get("a")
+    mb = 1e6
+    table = Table(
+        f"GradVac-DDP vs DDP: {world} gloo ranks on 127.0.0.1, 1 thread each, m={M}, MLP {n / 1e6:.2f}M params, "
+        f"batch {cfg.batch}/rank, {cfg.steps} timed steps; bytes = MB sent per rank per step",
+        ["variant", "median ms", "min..max ms", "vs (a)", "counters->ring MB", "formula MB", "measured lo MB"],
+    )
+    for k in keys:
+        lo = r0["lo_tx"].get(k)
+        table.add_row(
+            [
+                LABELS[k],
+                f"{med[k]:.1f}",
+                f"{min(per_step[k]):.0f}..{max(per_step[k]):.0f}",
+                f"{med[k] / base:.2f}x" if base else "-",
+                f"{ring_bytes(r0['payload'][k], world) / mb:.2f}",
+                f"{formula_bytes(k, n, world) / mb:.2f}",
+                "-" if lo is None else f"{lo / mb:.2f}",
+            ]
+        )
+    ok = True
+    for k in ("d", "e"):
+        if base and k in med:
+            passed = med[k] <= GOAL * base
+            ok = ok and passed
+            table.notes.append(
+                f"{pass_fail(passed)}: {LABELS[k]} {med[k]:.1f} ms = {med[k] / base:.2f}x (a), goal <= {GOAL}x"
+            )
+    for k in keys:
+        if r0["calls"].get(k):
+            table.notes.append(
+                f"collectives per step, {LABELS[k]}: "
+                + ", ".join(f"{name} {c:g}" for name, c in sorted(r0["calls"][k].items()))
+            )
+    table.notes.append(f"DDP buckets: {r0['num_buckets']} (bucket_cap_mb={cfg.bucket_cap_mb:g})")
+    for k in ("d", "e"):
+        if k in r0["diff"]:
+            table.notes.append(
+                f"check, first {cfg.check_steps} steps: {LABELS[k]} .grad vs (c): max rel diff "
+                f"{r0['diff'][k]:.1e}, {r0['corrections'][k]} GradVac corrections applied"
+            )
+    for k, p in r0["profile"].items():
+        other = p["finish_step"] - p["gramians"] - p["gramian_all_reduce"] - p["gradvac_step"] - p["combine"]
+        table.notes.append(
+            f"profile rank 0, {LABELS[k]}, ms/step: step {p['step']:.1f}; hook {p['hook']:.1f} = per-pass work "
+            f"{p['hook'] - p['finish_step']:.1f} + finish_step {p['finish_step']:.1f} (waits on task reductions"
+            f"{' + all-gather' if k == 'e' else ''} {other:.1f}, Gramians {p['gramians']:.1f}, Gramian all-reduce "
+            f"{p['gramian_all_reduce']:.1f}, gradvac_step {p['gradvac_step']:.1f}, combine {p['combine']:.1f})"
+        )
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1):
+        table.notes.append("the machine was busy (load average > cores): ratios are noisy, rerun on an idle machine")
+    table.notes.append(f"wall time {elapsed:.1f} s")
+    return Report(machine_line(), [table]), ok
+
+
+def _parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
+    ap = argparse.ArgumentParser(prog="python -m gradvac_dist.bench.ddp", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run (< 30 s): 5 timed steps, too few for a report")
+    ap.add_argument("--steps", type=int, help="timed steps per variant (default 20; >= 10 for a report)")
+    ap.add_argument("--warmup", type=int, help="untimed steps per variant after the check steps (default 2)")
+    ap.add_argument("--batch", type=int, default=64, help="batch size per rank (default 64)")
+    ap.add_argument("--traffic-steps", type=int, help="steps per variant for the byte counters (default 5)")
+    ap.add_argument("--variants", default="".join(VARIANTS), help="letters of the variants to run (default abcde)")
+    ap.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket_cap_mb (default 25)")
+    ap.add_argument("--profile", action="store_true", help="time the hook's phases on rank 0 (extra steps)")
+    ap.add_argument("--markdown", metavar="PATH", help="also write the report as markdown to PATH")
+    ap.add_argument("--strict", action="store_true", help="exit with status 1 when the goal is missed")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds before the run is abandoned")
+    args = ap.parse_args(argv)
+    cfg = Config(batch=args.batch, bucket_cap_mb=args.bucket_cap_mb, profile=args.profile, timeout=args.timeout)
+    if args.quick:
+        cfg.check_steps, cfg.warmup, cfg.steps, cfg.traffic_steps = 2, 1, 5, 1
+    cfg.steps = cfg.steps if args.steps is None else args.steps
+    cfg.warmup = cfg.warmup if args.warmup is None else args.warmup
+    cfg.traffic_steps = cfg.traffic_steps if args.traffic_steps is None else args.traffic_steps
+    if not args.variants or set(args.variants) - set(VARIANTS):
+        ap.error(f"--variants takes letters of {''.join(VARIANTS)!r}, got {args.variants!r}")
+    cfg.variants = tuple(k for k in VARIANTS if k in args.variants)
+    if cfg.steps < 1 or cfg.traffic_steps < 1 or cfg.warmup < 0 or cfg.batch < 1:
+        ap.error("--steps, --traffic-steps and --batch must be >= 1, --warmup >= 0")
+    return cfg, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the benchmark, prints the report; returns 0 (1 with ``--strict`` when the goal is missed)."""
+    cfg, args = _parse(argv)
+    start = time.perf_counter()
+    results = _launch(cfg)
+    report, ok = _report(cfg, results, time.perf_counter() - start)
+    print(report.to_text(), flush=True)
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(report.to_markdown())
+    return 0 if ok or not args.strict else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Smoke test of the DDP benchmark (``python -m gradvac_dist.bench.ddp --quick``), < 30 s."""
+
+from __future__ import annotations
+
+import re
+
+from gradvac_dist.bench.ddp import LABELS, formula_bytes, main, ring_bytes
+
+
+def test_quick_run_prints_the_table_and_writes_markdown(tmp_path, capsys):
+    markdown = tmp_path / "ddp.md"
+    assert main(["--quick", "--markdown", str(markdown)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("machine: ")
+    for label in LABELS.values():
+        assert label in out
+    assert len(re.findall(r"^  (PASS|FAIL): \(", out, re.M)) == 2  # replicated and sharded vs (a)
+    # GradVac-DDP computed what the naive all_gather GradVac computed, with corrections applied.
+    checks = re.findall(r"max rel diff ([0-9.e+-]+), (\d+) GradVac corrections", out)
+    assert len(checks) == 2
+    for diff, corrections in checks:
+        assert float(diff) < 1e-3 and int(corrections) > 0
+    assert "gramian_all_reduce 1, task_all_reduce 3" in out
+    assert "gramian_all_reduce 1, result_all_gather 1, task_reduce_scatter 3" in out
+
+    rows = [line for line in markdown.read_text().splitlines() if line.startswith("| (")]
+    assert len(rows) == 5
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        median, counted, formula, measured = float(cells[1]), cells[4], cells[5], cells[6]
+        assert median > 0
+        assert counted == formula, row  # every collective is accounted for by the README's formula
+        assert measured == "-" or float(measured) > 0  # lo counts the whole machine: no exact check
+
+
+def test_ring_bytes_and_formulas_agree():
+    n, w = 1000, 4
+    assert ring_bytes({"task_all_reduce": 3 * 4 * n}, w) == formula_bytes("a", n, w)
+    sharded = {"task_reduce_scatter": 3 * 4 * n, "result_all_gather": 4 * n, "gramian_all_reduce": (9 + 3) * 8}
+    assert ring_bytes(sharded, w) == formula_bytes("e", n, w)
+    assert ring_bytes({"naive_all_gather": w * 3 * 4 * n}, w) == formula_bytes("c", n, w)
