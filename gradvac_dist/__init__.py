@@ -11,6 +11,7 @@ from ._checkpoint import load_checkpoint, save_checkpoint
 from ._comm import STRATEGIES, CommCounters
 from ._ddp import gradvac_hook
 from ._errors import NonFiniteGradientError
+from ._fsdp import FSDPGradVac, register_fsdp
 from ._state import GradVacConfig, GradVacState
 from ._step import GradVacStepResult, draw_order, gradvac_step
 
@@ -18,6 +19,7 @@ __all__ = [
     "GROUPINGS",
     "STRATEGIES",
     "CommCounters",
+    "FSDPGradVac",
     "GradVac",
     "GradVacConfig",
     "GradVacState",
@@ -28,6 +30,7 @@ __all__ = [
     "gradvac_hook",
     "gradvac_step",
     "load_checkpoint",
+    "register_fsdp",
     "save_checkpoint",
 ]
 

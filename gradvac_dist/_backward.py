@@ -74,6 +74,8 @@ def backward(
       ``.grad`` (accumulated onto an existing ``.grad``, as ``loss.backward()`` would).
     - DistributedDataParallel with :func:`gradvac_dist.gradvac_hook` registered: see the DDP
       path; ``aggregator``/``grouping`` come from the registered :class:`GradVacState`.
+    - FSDP2 (``fully_shard``) root module with :func:`gradvac_dist.register_fsdp` called on it: see
+      :class:`gradvac_dist.FSDPGradVac`; configuration from the registered :class:`GradVacState`.
 
     Args:
         model: the module whose parameters receive the gradient.
@@ -85,7 +87,8 @@ def backward(
         sync: gradient accumulation. ``False``: only add each task's gradient of this micro-batch
             to a per-task accumulator (no communication, ``.grad`` untouched; under DDP run the
             forward inside ``ddp.no_sync()``, as for any DDP accumulation). ``True`` (the last
-            micro-batch): GradVac runs once, on the accumulated per-task gradients.
+            micro-batch): GradVac runs once, on the accumulated per-task gradients. Under FSDP2
+            the passes still reduce-scatter (gradients stay sharded) and the shards accumulate.
     """
     from ._ddp import ddp_backward, is_ddp  # local: the DDP room imports this one's helpers
 
@@ -99,6 +102,16 @@ def backward(
         ddp_backward(model, losses, sync=sync)
         return
     _reject_unsupported_wrappers(model)
+    from ._fsdp import fsdp_backward, is_fsdp2
+
+    if is_fsdp2(model):
+        if aggregator is not None:
+            raise ValueError(
+                "backward(fsdp_model, losses): the FSDP2 path takes its GradVac state from register_fsdp(model, "
+                "state); drop the aggregator argument (configure GradVacState instead)."
+            )
+        fsdp_backward(model, losses, sync=sync)
+        return
     if not isinstance(aggregator, GradVac):
         raise ValueError(
             "backward(model, losses, aggregator): a plain module needs aggregator=gradvac_dist.GradVac(...), "
@@ -172,8 +185,8 @@ def _blocks_are_contiguous(layout) -> bool:
 
 
 def _reject_unsupported_wrappers(model: nn.Module) -> None:
-    name = type(model).__name__
-    if name == "FullyShardedDataParallel":
+    """Refuses FSDP1, on the model itself or on any submodule (also called by ``register_fsdp``)."""
+    if any(type(module).__name__ == "FullyShardedDataParallel" for module in model.modules()):
         raise ValueError(
             "FSDP1 (FullyShardedDataParallel) is not supported: it crashes or skips the reduction on a "
             "second backward pass of one step. Shard the model with FSDP2 (torch.distributed.fsdp.fully_shard) instead."

@@ -1,0 +1,621 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): GradVac on per-task gradients that never leave their shards.
+
+Usage, symmetrical with the DDP hook::
+
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)                                   # the root too
+    state = gradvac_dist.GradVacState(num_tasks=m, grouping="module")
+    handle = gradvac_dist.register_fsdp(model, state)    # once
+    ...
+    losses = [loss_fn(out_i, y_i) for ...]               # one forward
+    gradvac_dist.backward(model, losses)                 # m backward passes + one GradVac step
+    optimizer.step(); optimizer.zero_grad()
+    dcp.save({"model": get_model_state_dict(model), "gradvac": handle}, checkpoint_id=...)
+
+FSDP2 already reduce-scatters every backward pass (mean over ranks, each rank keeps a 1/W shard
+of every parameter), so each task's rank-mean gradient arrives sharded for free; GradVac adds one
+all-reduce of ``K*m*m + m`` numbers per step and no all-gather of gradients. Gramians of a vector
+split across ranks add up, so the partial Gramians of the local shards, summed over ranks, are the
+exact Gramians of the rank-mean per-task gradients (see ``shared/design/gradvac.md``).
+
+Facts of torch 2.13 this relies on (``shared/design/torch-distributed-facts.md``, FSDP2): one
+forward then m backward passes (``retain_graph=True``) works; each pass reduce-scatters and leaves
+``param.grad`` a DTensor sharded like the parameter; a second pass accumulates into ``.grad``; each
+pass re-all-gathers the parameters unless told not to reshard after backward. The FSDP internals
+read here (each ``FSDPParamGroup``'s ``reshard_after_backward`` and ``reduce_grads``, the shared
+``is_last_backward`` flag) are checked at registration, so another torch release fails loudly.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+from ._blocks import BlockLayout, Segment, combine, layout_of, partial_gramians
+from ._comm import all_reduce_sum
+from ._errors import NonFiniteGradientError, nonfinite_message
+from ._state import (
+    BLOCK_SIZES_KEY,
+    FORMAT_VERSION,
+    GENERATOR_KEY,
+    GROUPING_KEY,
+    NUM_TASKS_KEY,
+    STEP_KEY,
+    TARGETS_KEY,
+    VERSION_KEY,
+    GradVacState,
+)
+
+__all__ = ["FSDPGradVac", "fsdp_backward", "is_fsdp2", "register_fsdp"]
+
+#: model -> its handle. Weak keys: dropping the model drops the registration (the handle holds
+#: the model only through a weak reference, so the entry does not keep it alive).
+_REGISTRY: weakref.WeakKeyDictionary[nn.Module, FSDPGradVac] = weakref.WeakKeyDictionary()
+
+
+def is_fsdp2(model: nn.Module) -> bool:
+    """Whether ``model`` was sharded with FSDP2's ``fully_shard`` (it is then an ``FSDPModule``)."""
+    return isinstance(model, FSDPModule)
+
+
+def register_fsdp(model: nn.Module, state: GradVacState, *, reshard_between_passes: bool = False) -> FSDPGradVac:
+    """Attaches GradVac to a model sharded with FSDP2; then call ``gradvac_dist.backward(model, losses)``.
+
+    Args:
+        model: the ROOT module given to ``fully_shard`` (after the per-layer calls); every
+            trainable parameter must be an FSDP-sharded DTensor on a 1-D device mesh.
+        state: a :class:`GradVacState` (``num_tasks``, ``beta``, ``eps``, ``seed``, ``grouping``,
+            ``shared_params``, ``on_nonfinite``, ``check_sync_every``); one state per model. Its
+            ``process_group``, if ``None``, becomes the FSDP mesh's group. ``strategy`` is a DDP
+            setting: FSDP always reduce-scatters, so only ``None`` or ``"sharded"`` are accepted.
+        reshard_between_passes: ``False`` (default): the parameters stay unsharded from the first
+            backward pass of a step to the last, so a step all-gathers exactly what one plain
+            backward does (peak memory: the full unsharded parameters during the passes, as with
+            ``reshard_after_forward=False``). ``True``: FSDP's own per-pass behaviour (each pass
+            re-all-gathers what it resharded: less memory, up to m times the backward all-gathers).
+
+    Returns:
+        The :class:`FSDPGradVac` handle, also reachable as ``state._runtime``. It is a DCP
+        ``Stateful``: put it in the dict given to ``torch.distributed.checkpoint.save`` / ``load``.
+
+    Raises:
+        ValueError: FSDP1, a model not sharded with ``fully_shard``, unsharded or non-DTensor
+            trainable parameters, a multi-dimensional (HSDP) mesh, a state or model registered twice.
+    """
+    from ._backward import _reject_unsupported_wrappers
+
+    _reject_unsupported_wrappers(model)
+    if not is_fsdp2(model):
+        raise ValueError(
+            f"register_fsdp needs a module sharded with FSDP2 (torch.distributed.fsdp.fully_shard), got a "
+            f"{type(model).__name__}. Call fully_shard on each layer and then on the root module, and register "
+            "the root. For DistributedDataParallel use ddp.register_comm_hook(state, gradvac_dist.gradvac_hook)."
+        )
+    if not isinstance(state, GradVacState):
+        raise TypeError(f"register_fsdp(model, state): state must be a gradvac_dist.GradVacState, got {state!r}.")
+    if model in _REGISTRY:
+        raise ValueError("GradVac is already registered on this model; register once (call handle.remove() first).")
+    if state._runtime is not None:
+        raise ValueError(
+            "this GradVacState is already used by another model (DDP or FSDP); create one GradVacState per model."
+        )
+    if state.strategy not in (None, "sharded"):
+        raise ValueError(
+            f"GradVacState(strategy={state.strategy!r}) is a DDP setting; under FSDP2 each task's gradient is always "
+            "reduce-scattered by FSDP. Leave strategy=None."
+        )
+    handle = FSDPGradVac(model, state, reshard_between_passes=bool(reshard_between_passes))
+    _REGISTRY[model] = handle
+    state._runtime = handle
+    return handle
+
+
+@dataclass
+class _Plan:
+    """Where each trainable parameter's local shard lives in the ``[m, L]`` stash of a rank.
+
+    ``segments`` are the block segments of the concatenated local shards (adjacent runs of one
+    block merged); ``param_segments`` are ``(parameter index, start, stop)``, used only to name a
+    non-finite parameter. Local shards are the unpadded ``to_local()`` views: FSDP's dim-0 padding
+    never enters the stash, so every column is a real element counted on exactly one rank.
+    """
+
+    params: tuple[nn.Parameter, ...]
+    local_shapes: tuple[torch.Size, ...]
+    offsets: tuple[int, ...]  # len(params) + 1
+    segments: list[Segment]
+    param_segments: list[tuple[int, int, int]]
+    dtype: torch.dtype
+    uniform_dtype: bool  # all local shards have ``dtype``
+    device: torch.device
+    stash: Tensor  # [m, L]
+    views: list[list[Tensor]]  # views[task][i]: stash row `task` of parameter i, in its local shape
+    reached: list[bool]  # whether any task of the pending step gave parameter i a gradient
+
+    @property
+    def length(self) -> int:
+        return self.offsets[-1]
+
+
+class FSDPGradVac:
+    """GradVac attached to an FSDP2 model by :func:`register_fsdp`; a DCP ``Stateful``.
+
+    :meth:`backward` (what ``gradvac_dist.backward(model, losses)`` calls) runs one GradVac step:
+
+    1. Set aside any existing ``.grad`` (it is added back at the end, as ``loss.backward()``
+       accumulates). Unless ``reshard_between_passes``, tell every FSDP parameter group not to
+       reshard after backward and not to finalise the backward until the last pass, so the
+       parameters all-gathered in the first pass stay unsharded for the others and a prefetch
+       issued in one pass is consumed in a later one (no all-gather is repeated or wasted).
+    2. For each task ``i``: ``losses[i].backward(retain_graph=i < m-1)``. FSDP reduce-scatters the
+       task's gradient (mean over ranks); copy each parameter's local shard
+       (``param.grad.to_local()``) into row ``i`` of the stash ``[m, L]`` (``L`` = this rank's
+       shard size, about n/W), zeros for a parameter the task does not reach, and set ``.grad``
+       to ``None`` so the next pass does not accumulate onto it. On an accelerator, wait for the
+       pass's reduce-scatters first (FSDP runs them on a side stream).
+    3. Partial Gramians ``[K, m, m]`` of the stash, block by block, plus per task the sum of the
+       columns outside every block (only to detect inf/NaN there), all in float64.
+    4. ONE all-reduce (SUM) of those ``K*m*m + m`` numbers: the exact Gramians of the rank-mean
+       per-task gradients, identical on every rank.
+    5. If finite: every rank runs the identical :meth:`Trajectory.advance` (same Gramians, targets
+       and order generator) and gets the per-block coefficients ``c[k, l]``. If not: the state is
+       left untouched, the coefficients are all ones (the plain sum), and with
+       ``on_nonfinite="raise"`` a :class:`~gradvac_dist.NonFiniteGradientError` naming a task and
+       parameter is raised after ``.grad`` is written (one extra all-reduce, on that path only).
+    6. Each rank combines its own shard, ``sum_l c[k, l] * stash[l]`` per block (plain sum for
+       parameters outside ``shared_params``), and writes it into ``.grad`` as a DTensor with the
+       parameter's mesh and placements, ready for the optimizer.
+
+    Communication per step and rank, n parameters, W ranks (ring algorithms, elements sent):
+    FSDP's own m reduce-scatters, about ``m n (W-1)/W`` (a plain backward does one), the
+    parameter all-gathers of one plain forward + backward, and GradVac's one all-reduce of
+    ``K m^2 + m`` float64 numbers. No gradient is all-gathered.
+
+    Memory per rank: the stash, ``m * n/W`` elements of the parameters' dtype (see
+    :attr:`stash_bytes`), and, unless ``reshard_between_passes``, the unsharded parameters for the
+    duration of the passes.
+
+    ``backward(losses, sync=False)`` is gradient accumulation: the passes still reduce-scatter (that
+    is how FSDP keeps gradients at n/W per rank) but the shards are added into the stash and
+    ``.grad`` is left untouched; the next ``sync=True`` call adds its micro-batch and runs steps 3-6
+    once on the sums.
+
+    Checkpoints: :meth:`state_dict` / :meth:`load_state_dict` follow DCP's ``Stateful`` protocol
+    with plain Python values (see :meth:`state_dict`), so ``dcp.load`` loads into a freshly
+    registered handle. The content is rank- and world-size-independent (block sizes are global),
+    so any world size may resume.
+    """
+
+    def __init__(self, model: nn.Module, state: GradVacState, *, reshard_between_passes: bool = False) -> None:
+        self._model_ref = weakref.ref(model)
+        self.state = state
+        self.reshard_between_passes = reshard_between_passes
+        self.steps_driven = 0  # calls that completed a step: equal on all ranks
+        self._pending = 0  # sync=False micro-batches accumulated in the stash
+        self._plan: _Plan | None = None
+        self._groups = _param_groups_of(model)
+        params = _trainable(model)
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.param_names = [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+        self.group = _mesh_group(params, self.param_names)
+        # FSDP swaps the module's parameters between the sharded DTensors and the unsharded tensors
+        # around forward and backward; its FSDPParam objects are stable and know the sharded one.
+        by_id = {id(fp.sharded_param): fp for group in self._groups for fp in group.fsdp_params}
+        unmanaged = [n for n, p in zip(self.param_names, params) if id(p) not in by_id]
+        if unmanaged:
+            raise ValueError(
+                f"parameters {unmanaged[:5]} are not managed by FSDP2 under this model; call fully_shard on the root "
+                "module (after the per-layer calls) and register that root."
+            )
+        self._fsdp_params = [by_id[id(p)] for p in params]
+        # FSDP's collectives run on this device type (the shards may live on the CPU with offloading)
+        self._on_accelerator = params[0].device_mesh.device_type != "cpu"
+        if state.process_group is None:
+            state.process_group = self.group
+        elif _ranks(state.process_group) != _ranks(self.group):
+            raise ValueError(
+                f"GradVacState.process_group has ranks {_ranks(state.process_group)} but the model is sharded over "
+                f"ranks {_ranks(self.group)}; the Gramians must be summed over the FSDP shard group. Leave "
+                "process_group=None to use the mesh's group."
+            )
+        self.layout: BlockLayout = layout_of(model, params, state.grouping, state.shared_params)
+        #: global sizes of the K blocks: rank- and world-size-independent, checked on every step and load
+        self.block_sizes = self.layout.block_sizes
+
+    # -- identity ------------------------------------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        """The registered model (raises if it was garbage-collected)."""
+        model = self._model_ref()
+        if model is None:
+            raise RuntimeError("the model this GradVac handle was registered on no longer exists.")
+        return model
+
+    @property
+    def stash_bytes(self) -> int:
+        """Bytes of this rank's per-task shard stash (``m * L * element size``; 0 before the first step)."""
+        plan = self._plan
+        return 0 if plan is None else plan.stash.numel() * plan.stash.element_size()
+
+    def remove(self) -> None:
+        """Detaches GradVac from the model (the state can then be registered elsewhere)."""
+        model = self._model_ref()
+        if model is not None and _REGISTRY.get(model) is self:
+            del _REGISTRY[model]
+        if self.state._runtime is self:
+            self.state._runtime = None
+        self._plan = None
+
+    def __repr__(self) -> str:
+        return (
+            f"FSDPGradVac({self.state!r}, blocks={self.layout.num_blocks}, "
+            f"reshard_between_passes={self.reshard_between_passes})"
+        )
+
+    # -- checkpoint (DCP Stateful) ---------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The trajectory as plain Python values, for ``torch.distributed.checkpoint`` (identical on all ranks).
+
+        Keys: ``format_version``, ``grouping``, ``num_tasks``, ``step`` (ints / str), ``block_sizes``
+        (list of ints: the model's global block sizes), ``targets`` (flat list of float64 values of
+        the ``[K, m, m]`` EMA targets, ``None`` before the first step), ``generator_state``
+        (``bytes``). No tensors on purpose: DCP stores each value as one object and replaces it on
+        load, so a checkpoint of another model, grouping or task count reaches
+        :meth:`load_state_dict`, which refuses it with a message, instead of failing inside DCP's
+        planner on a tensor-shape mismatch. Python floats are float64: the round trip is exact.
+        """
+        traj = self.state.trajectory
+        targets = None
+        if traj.targets is not None:
+            targets = traj.targets.detach().to(device="cpu", dtype=torch.float64).flatten().tolist()
+        return {
+            VERSION_KEY: FORMAT_VERSION,
+            GROUPING_KEY: self.state.grouping,
+            NUM_TASKS_KEY: self.state.num_tasks,
+            STEP_KEY: traj.step,
+            BLOCK_SIZES_KEY: list(self.block_sizes),
+            TARGETS_KEY: targets,
+            GENERATOR_KEY: bytes(traj.generator.get_state().numpy().tobytes()),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads :meth:`state_dict`'s output (also after ``dcp.load``); checks it whole, changes nothing on error."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get(GENERATOR_KEY), (bytes, bytearray)):
+            raise ValueError(
+                "not a checkpoint of FSDPGradVac.state_dict() (generator_state is not bytes); a "
+                "GradVacState.state_dict() is loaded with state.load_state_dict(...) instead."
+            )
+        if self._pending:
+            raise RuntimeError(
+                "load_state_dict between backward(..., sync=False) micro-batches: finish the step first."
+            )
+        sizes, m, targets = state_dict.get(BLOCK_SIZES_KEY), state_dict.get(NUM_TASKS_KEY), state_dict.get(TARGETS_KEY)
+        if targets is not None:
+            ok = isinstance(sizes, list) and isinstance(m, int) and isinstance(targets, list)
+            if not ok or len(targets) != len(sizes) * m * m:
+                raise ValueError(
+                    "checkpoint targets are malformed: expected a flat list of K*m*m numbers with block_sizes (K) "
+                    "and num_tasks (m) set."
+                )
+            targets = torch.tensor(targets, dtype=torch.float64).view(len(sizes), m, m)
+        self.state.load_state_dict(
+            {
+                VERSION_KEY: state_dict.get(VERSION_KEY),
+                GROUPING_KEY: state_dict.get(GROUPING_KEY, self.state.grouping),
+                NUM_TASKS_KEY: m,
+                BLOCK_SIZES_KEY: sizes if targets is not None else None,
+                TARGETS_KEY: targets,
+                GENERATOR_KEY: torch.frombuffer(bytearray(state_dict[GENERATOR_KEY]), dtype=torch.uint8),
+                STEP_KEY: state_dict.get(STEP_KEY),
+            }
+        )
+
+    # -- the step ----------------------------------------------------------------------------------
+    def backward(self, losses: Sequence[Tensor], sync: bool = True) -> None:
+        """One GradVac step on the model (see the class docstring); ``gradvac_dist.backward`` calls this."""
+        from ._backward import _check_losses
+
+        losses = _check_losses(losses)
+        state, m = self.state, self.state.num_tasks
+        if len(losses) != m:
+            raise ValueError(
+                f"got {len(losses)} losses but GradVacState(num_tasks={m}); pass exactly one loss per task."
+            )
+        model = self.module
+        root = _root_state(model)
+        for group in self._groups:
+            if not group.reduce_grads:
+                raise ValueError(
+                    "GradVac under FSDP2 needs each task's reduce-scattered gradient, but gradient sync is off "
+                    "(set_requires_gradient_sync(False)). Call model.set_requires_gradient_sync(True) and accumulate "
+                    "micro-batches with gradvac_dist.backward(model, losses, sync=False) instead."
+                )
+        plan = self._current_plan()
+        params = plan.params
+        prior = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        accumulate = self._pending > 0
+        keep_unsharded = not self.reshard_between_passes
+        saved_reshard = [g.reshard_after_backward for g in self._groups]
+        ctx = root._state_ctx
+        saved_last = ctx.is_last_backward
+        done = False
+        try:
+            for task, loss in enumerate(losses):
+                last = task == m - 1
+                if keep_unsharded:
+                    for group, value in zip(self._groups, saved_reshard):
+                        group.reshard_after_backward = value if last else False
+                    ctx.is_last_backward = last
+                else:
+                    ctx.is_last_backward = True
+                loss.backward(retain_graph=not last)
+                if not last and keep_unsharded and self._on_accelerator:
+                    # Without the end-of-backward finalisation FSDP's side-stream reduce-scatters (and
+                    # any grad offload copies) may still be running: wait before reading .grad.
+                    torch.accelerator.synchronize()
+                self._take(plan, task, accumulate)
+            done = True
+        finally:
+            for group, value in zip(self._groups, saved_reshard):
+                group.reshard_after_backward = value
+            ctx.is_last_backward = saved_last
+            if not done:
+                self._pending = 0
+                plan.reached[:] = [False] * len(params)
+                for p, g in zip(params, prior):
+                    p.grad = g
+        if not sync:
+            self._pending += 1
+            for p, g in zip(params, prior):
+                p.grad = g
+            return
+        self._pending = 0
+        nonfinite = self._step(plan, prior)
+        self.steps_driven += 1
+        if nonfinite is not None and state.config.on_nonfinite == "raise":
+            raise nonfinite
+        if state.check_sync_every and self.steps_driven % state.check_sync_every == 0:
+            from ._ddp import check_state_in_sync
+
+            check_state_in_sync(state)
+
+    def _take(self, plan: _Plan, task: int, accumulate: bool) -> None:
+        """Moves this pass's reduce-scattered shards from ``.grad`` into stash row ``task``."""
+        dst: list[Tensor] = []
+        src: list[Tensor] = []
+        zero: list[Tensor] = []
+        views = plan.views[task]
+        with torch.no_grad():
+            for i, p in enumerate(plan.params):
+                grad = p.grad
+                if grad is None:
+                    zero.append(views[i])
+                    continue
+                if not isinstance(grad, DTensor):
+                    raise RuntimeError(
+                        f"parameter {self.param_names[i]!r} got a plain-tensor .grad in an FSDP2 backward pass; "
+                        "something outside FSDP wrote it (a hook?). GradVac needs FSDP's reduce-scattered DTensor grads."
+                    )
+                dst.append(views[i])
+                src.append(grad.to_local())
+                plan.reached[i] = True
+                p.grad = None
+            if not plan.uniform_dtype:  # parameters of several dtypes: the stash has the promoted one
+                for d, g in zip(dst, src):
+                    if accumulate:
+                        d.add_(g)
+                    else:
+                        d.copy_(g)
+            elif accumulate:
+                if dst:
+                    torch._foreach_add_(dst, src)
+            elif dst:
+                torch._foreach_copy_(dst, src)
+            if zero and not accumulate:
+                torch._foreach_zero_(zero)
+
+    def _step(self, plan: _Plan, prior: list[Tensor | None]) -> NonFiniteGradientError | None:
+        """Steps 3-6: Gramians, the one all-reduce, the coefficient stage, the combined shards into .grad."""
+        state, m = self.state, self.state.num_tasks
+        num_blocks = self.layout.num_blocks
+        stash = plan.stash
+        buf = torch.zeros(num_blocks * m * m + m, dtype=torch.float64, device=plan.device)
+        gram = buf[: num_blocks * m * m].view(num_blocks, m, m)
+        outside = buf[num_blocks * m * m :]
+        partial_gramians(stash, plan.segments, num_blocks, out=gram)
+        for block, start, stop in plan.segments:
+            if block < 0:
+                outside += stash[:, start:stop].sum(dim=1, dtype=torch.float64)
+        all_reduce_sum(buf, self.group, state.counters, "gramian_all_reduce")
+        nonfinite: NonFiniteGradientError | None = None
+        if bool(torch.isfinite(buf).all()):  # the step's one host sync; identical on every rank
+            result = state.trajectory.advance(gram, self.block_sizes, state.config, check_inputs=False)
+            state.last_result = result
+            coef = result.coefficients
+        else:  # state untouched; the plain (non-finite) sum goes to .grad, so a GradScaler skips
+            nonfinite = self._diagnose(plan)
+            state.last_result = None
+            state.counters.calls["skipped_step"] += 1
+            coef = torch.ones((num_blocks, m), dtype=torch.float64, device=plan.device)
+        flat = combine(stash, coef, plan.segments)
+        with torch.no_grad():
+            for i, p in enumerate(plan.params):
+                old = prior[i]
+                if not plan.reached[i] and old is None:
+                    continue  # no task reached it: .grad stays None, as after loss.backward()
+                local = flat[plan.offsets[i] : plan.offsets[i + 1]].view(plan.local_shapes[i])
+                if local.dtype != p.dtype:
+                    local = local.to(p.dtype)
+                if old is not None:
+                    old.to_local().add_(local)
+                    p.grad = old
+                else:
+                    p.grad = DTensor.from_local(
+                        local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                    )
+        plan.reached[:] = [False] * len(plan.params)
+        return nonfinite
+
+    def _diagnose(self, plan: _Plan) -> NonFiniteGradientError:
+        """Names a task and parameter whose gradient is not finite (error path: one extra all-reduce)."""
+        m = self.state.num_tasks
+        flags = torch.zeros((m, len(plan.params)), dtype=torch.float64, device=plan.device)
+        for index, start, stop in plan.param_segments:
+            flags[:, index] += (~torch.isfinite(plan.stash[:, start:stop])).any(dim=1).double()
+        all_reduce_sum(flags, self.group, self.state.counters, "nonfinite_diagnosis")
+        bad = flags.nonzero()
+        task, where = (int(bad[0, 0]), self.param_names[int(bad[0, 1])]) if bad.numel() else (None, None)
+        return NonFiniteGradientError(nonfinite_message(task, where, " on at least one rank"), task, where)
+
+    # -- plan ----------------------------------------------------------------------------------------
+    def _current_plan(self) -> _Plan:
+        """The plan for the current sharded parameters (rebuilt if they were swapped, e.g. by ``model.to``)."""
+        params = tuple(fp.sharded_param for fp in self._fsdp_params)
+        plan = self._plan
+        if plan is not None and all(a is b for a, b in zip(plan.params, params)):
+            return plan
+        if self._pending:
+            raise RuntimeError(
+                "the model's parameters changed between backward(..., sync=False) micro-batches; keep the model "
+                "fixed until the sync=True call."
+            )
+        _mesh_group(params, self.param_names)
+        numels = tuple(p.numel() for p in params)
+        if numels != self.layout.numels:
+            raise ValueError(
+                "the model's parameters changed shape since register_fsdp; register a new GradVacState for a "
+                "different model."
+            )
+        self._plan = _build_plan(params, self.layout, self.state.num_tasks)
+        return self._plan
+
+
+def _build_plan(params: Sequence[nn.Parameter], layout: BlockLayout, m: int) -> _Plan:
+    locals_ = [p.to_local() for p in params]
+    device = locals_[0].device
+    if any(t.device != device for t in locals_):
+        raise ValueError("GradVac under FSDP2 needs every parameter's local shard on one device.")
+    dtype = locals_[0].dtype
+    for t in locals_[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    offsets = [0]
+    segments: list[Segment] = []
+    param_segments: list[tuple[int, int, int]] = []
+    for i, (t, block) in enumerate(zip(locals_, layout.param_blocks)):
+        start, stop = offsets[-1], offsets[-1] + t.numel()
+        offsets.append(stop)
+        if stop == start:
+            continue  # an empty shard (a parameter with fewer dim-0 rows than ranks)
+        param_segments.append((i, start, stop))
+        if segments and segments[-1][0] == block and segments[-1][2] == start:
+            segments[-1] = (block, segments[-1][1], stop)
+        else:
+            segments.append((block, start, stop))
+    stash = torch.zeros((m, offsets[-1]), dtype=dtype, device=device)
+    shapes = tuple(t.shape for t in locals_)
+    views = [
+        [stash[task, offsets[i] : offsets[i + 1]].view(shapes[i]) for i in range(len(params))] for task in range(m)
+    ]
+    return _Plan(
+        params=tuple(params),
+        local_shapes=shapes,
+        offsets=tuple(offsets),
+        segments=segments,
+        param_segments=param_segments,
+        dtype=dtype,
+        uniform_dtype=all(t.dtype == dtype for t in locals_),
+        device=device,
+        stash=stash,
+        views=views,
+        reached=[False] * len(params),
+    )
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no parameter with requires_grad=True.")
+    return params
+
+
+def _ranks(group: Any) -> list[int]:
+    return list(dist.get_process_group_ranks(group))
+
+
+def _mesh_group(params: Sequence[nn.Parameter], names: Sequence[str]) -> dist.ProcessGroup:
+    """The process group all parameters are sharded over (a 1-D mesh, ``Shard`` placements)."""
+    group = None
+    for p, name in zip(params, names):
+        if not isinstance(p, DTensor):
+            raise ValueError(
+                f"parameter {name!r} is not sharded (a plain tensor, not a DTensor). Call fully_shard on the root "
+                "module too (after the per-layer calls), register that root, and register between steps (not "
+                "between a forward and its backward, when FSDP holds unsharded parameters)."
+            )
+        mesh = p.device_mesh
+        if mesh.ndim != 1 or not all(pl.is_shard() for pl in p.placements):
+            raise ValueError(
+                f"parameter {name!r} is placed {p.placements} on a {mesh.ndim}-D mesh; GradVac under FSDP2 supports "
+                "plain sharding on a 1-D mesh (HSDP / replicate meshes are not supported yet)."
+            )
+        g = mesh.get_group(0)
+        if group is None:
+            group = g
+        elif _ranks(g) != _ranks(group):
+            raise ValueError("GradVac under FSDP2 needs all parameters sharded over the same ranks (one mesh).")
+    assert group is not None
+    return group
+
+
+def _param_groups_of(model: nn.Module) -> list[Any]:
+    """Every ``FSDPParamGroup`` under ``model`` (private FSDP2 objects of torch 2.13: checked here)."""
+    groups = []
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            fsdp_state = module._get_fsdp_state()
+            groups.extend(getattr(fsdp_state, "_fsdp_param_groups", []))
+    missing = [a for a in ("reshard_after_backward", "reduce_grads") if groups and not hasattr(groups[0], a)]
+    if missing or not hasattr(model._get_fsdp_state(), "_state_ctx"):
+        raise RuntimeError(
+            f"this torch release ({torch.__version__}) lays out FSDP2's internals differently from torch 2.13 "
+            f"(FSDPParamGroup lacks {missing or '_state_ctx'}); gradvac_dist's FSDP2 path supports torch 2.13."
+        )
+    return groups
+
+
+def _root_state(model: nn.Module) -> Any:
+    root = model._get_fsdp_state()
+    if root._is_root is None:
+        raise RuntimeError(
+            "backward(fsdp_model, losses) before any forward: run the model's forward first (FSDP2 sets up "
+            "its root then), and compute the losses from its outputs."
+        )
+    if root._is_root is not True:
+        raise ValueError(
+            "GradVac was registered on an FSDP2 module that is not the root of its forward: register (and pass to "
+            "gradvac_dist.backward) the outermost module given to fully_shard, the one you call forward on."
+        )
+    return root
+
+
+def fsdp_backward(model: nn.Module, losses: Sequence[Tensor], sync: bool = True) -> None:
+    """``gradvac_dist.backward`` for an FSDP2 model: finds the registered handle and runs its step."""
+    handle = _REGISTRY.get(model)
+    if handle is None:
+        raise ValueError(
+            "gradvac_dist.backward(fsdp_model, losses) needs GradVac registered on this FSDP2 model first: "
+            "handle = gradvac_dist.register_fsdp(model, gradvac_dist.GradVacState(num_tasks=m)). Register the root "
+            "module (the one you call fully_shard on last)."
+        )
+    handle.backward(losses, sync=sync)

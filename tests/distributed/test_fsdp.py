@@ -1,0 +1,133 @@
+"""FSDP2 path: exactness against the core on rank-mean gradients (and against the DDP path),
+lockstep state, one Gramian all-reduce per step, the all-gathers of one plain backward, a DCP
+round trip that resumes the same trajectory, and loud failures on misuse (FSDP1 among them).
+
+All configurations share one spawned 2-rank run (spawning costs seconds on 2 cores).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed import fsdp_bodies
+from tests.distributed.harness import run_distributed
+
+WORLD = 2
+STEPS = 3
+M = fsdp_bodies.M
+CONFIGS = [
+    {"grouping": "whole", "raf": True, "ddp": True},
+    {"grouping": "parameter", "raf": True, "ddp": True},
+    {"grouping": "module", "raf": True, "ddp": True},
+    {"grouping": "module", "raf": False, "prior": True},  # existing .grad: accumulated onto
+    {"grouping": "whole", "raf": False, "shared": ["encoder"]},
+    {"grouping": "parameter", "raf": True, "shared": ["encoder", "gain"], "ddp": True},
+    {"grouping": "module", "raf": True, "mp": True},  # MixedPrecisionPolicy(float32 compute, float64 reduce)
+    {"grouping": "module", "raf": True, "accum": 2},  # sync=False micro-batch, then sync=True
+    {"grouping": "whole", "raf": True, "between": True},  # reshard_between_passes=True
+]
+
+
+@pytest.fixture(scope="module")
+def run():
+    configs = [dict(cfg, steps=STEPS) for cfg in CONFIGS]
+    return run_distributed(fsdp_bodies.equivalence_body, WORLD, configs, timeout=150)
+
+
+def _per_rank(run, c):
+    return [run[r]["configs"][c] for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("c", range(len(CONFIGS)), ids=[str(cfg) for cfg in CONFIGS])
+def test_equivalence_with_core_and_ddp(run, c):
+    cfg = CONFIGS[c]
+    for res in _per_rank(run, c):
+        assert res["max_rel_err"] < 1e-10, (cfg, res["max_rel_err"])
+        if cfg.get("ddp"):
+            assert res["max_rel_err_ddp"] < 1e-10, (cfg, res["max_rel_err_ddp"])
+        assert torch.allclose(res["targets"], res["ref_targets"], atol=1e-10, rtol=0), cfg
+        assert torch.allclose(res["params"], res["ref_params"], atol=1e-10, rtol=0), cfg
+        assert res["placements_ok"], "every .grad must be a DTensor placed like its parameter, same local shape"
+
+
+@pytest.mark.parametrize("c", range(len(CONFIGS)), ids=[str(cfg) for cfg in CONFIGS])
+def test_lockstep_and_communication(run, c):
+    cfg = CONFIGS[c]
+    per_rank = _per_rank(run, c)
+    first = per_rank[0]
+    accum = cfg.get("accum", 1)
+    for res in per_rank:
+        # every rank ends bit-identical
+        assert torch.equal(res["params"], first["params"]), cfg
+        assert torch.equal(res["targets"], first["targets"]), cfg
+        assert torch.equal(res["generator"], first["generator"]), cfg
+        assert res["step"] == STEPS
+        # exactly one Gramian all-reduce per step, and no other all-reduce
+        assert res["calls"] == {"gramian_all_reduce": STEPS}, (cfg, res["calls"])
+        for plain, step in zip(res["plain_counts"], res["step_counts"]):
+            assert step["all_reduce"] == 1, (cfg, step)
+            # FSDP reduce-scatters each task's gradient: m passes, each as many groups as in a plain backward
+            assert step["reduce_scatter_single"] == M * accum * plain["reduce_scatter_single"] - _unreached(cfg), (
+                cfg,
+                step,
+                plain,
+            )
+            # no gradient all-gather; parameter all-gathers exactly those of one plain forward + backward
+            ag, plain_ag = fsdp_bodies._all_gathers(step), fsdp_bodies._all_gathers(plain)
+            if cfg.get("between"):
+                assert ag > plain_ag, "reshard_between_passes=True re-all-gathers in later passes (the control)"
+            else:
+                assert ag == accum * plain_ag, (cfg, step, plain)
+    # the stash is m x (this rank's shard): summed over ranks, exactly m*n elements (no padding)
+    assert sum(res["stash_bytes"] for res in per_rank) == M * first["n"] * 8
+    assert max(res["stash_bytes"] for res in per_rank) <= 1.25 * first["formula_bytes"]
+
+
+def _unreached(cfg) -> int:
+    # Each head is its own FSDP group, reached by one task only: in the other m-1 passes FSDP has
+    # no gradient for it and skips its reduce-scatter (a plain backward reduces every head once).
+    return M * (M - 1) * cfg.get("accum", 1)
+
+
+def test_misuse_fails_loudly(run):
+    expected = {
+        "fsdp1": ("ValueError", "FSDP1 (FullyShardedDataParallel) is not supported"),
+        "fsdp1_backward": ("ValueError", "FSDP1 (FullyShardedDataParallel) is not supported"),
+        "not_sharded": ("ValueError", "needs a module sharded with FSDP2"),
+        "not_registered": ("ValueError", "needs GradVac registered on this FSDP2 model first"),
+        "registered_twice": ("ValueError", "already registered on this model"),
+        "shared_state": ("ValueError", "already used by another model"),
+        "wrong_count": ("ValueError", "got 2 losses but GradVacState(num_tasks=3)"),
+        "aggregator_given": ("ValueError", "drop the aggregator argument"),
+        "no_gradient_sync": ("ValueError", "set_requires_gradient_sync(True)"),
+        "not_root": ("ValueError", "not the root of its forward"),
+        "replicated_strategy": ("ValueError", "is a DDP setting"),
+        "nonfinite_raise": ("NonFiniteGradientError", "task 1's gradient is not finite"),
+    }
+    for rank in range(WORLD):
+        res = run[rank]["misuse"]
+        for case, (err_type, fragment) in expected.items():
+            assert res[case] is not None, f"{case} did not raise"
+            assert res[case][0] == err_type and fragment in res[case][1], (case, res[case])
+        step, skipped, grads_finite, no_targets = res["skip"]
+        assert (step, skipped, grads_finite, no_targets) == (0, 1, False, True), res["skip"]
+        assert res["after_skip_step"] == 1
+
+
+def test_dcp_checkpoint_round_trip_and_resume(tmp_path):
+    results = run_distributed(fsdp_bodies.checkpoint_body, WORLD, str(tmp_path), timeout=120)
+    for res in results:
+        saved, loaded = res["saved"], res["loaded"]
+        assert loaded["step"] == saved["step"] == 2
+        assert torch.equal(loaded["targets"], saved["targets"])
+        assert torch.equal(loaded["generator"], saved["generator"])
+        straight, resumed = res["straight"], res["resumed"]
+        assert resumed["step"] == straight["step"] == 4
+        assert torch.equal(resumed["generator"], straight["generator"])
+        assert torch.equal(resumed["targets"], straight["targets"])
+        assert torch.equal(resumed["params"], straight["params"])
+        assert res["fresh_loaded"] == (0, True)
+        assert res["wrong_grouping"][0] == "ValueError" and "grouping 'module' differs" in res["wrong_grouping"][1]
+        assert res["wrong_grouping_step"] == 0
+    assert torch.equal(results[0]["resumed"]["targets"], results[1]["resumed"]["targets"])
