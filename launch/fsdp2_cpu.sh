@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Multi-task FSDP2 (fully_shard) training with GradVac on this machine's CPU: torchrun, 2 gloo processes.
+#   bash launch/fsdp2_cpu.sh [examples/fsdp2_train.py options, e.g. --steps 500 --checkpoint-dir ckpt]
+# Environment: NPROC (processes, default 2), MASTER_PORT (default 29500), OMP_NUM_THREADS (default:
+# the cores shared between the processes), SCRIPT (default examples/fsdp2_train.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+NPROC=${NPROC:-2}
+cores=$(nproc 2>/dev/null || echo 1)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / NPROC > 0 ? cores / NPROC : 1 ))}
+# gloo on the loopback interface: no traffic leaves this machine.
+if [ -z "${GLOO_SOCKET_IFNAME:-}" ] && [ -e /sys/class/net/lo ]; then export GLOO_SOCKET_IFNAME=lo; fi
+exec .venv/bin/torchrun --nnodes 1 --nproc_per_node "$NPROC" \
+  --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29500}" \
+  "${SCRIPT:-examples/fsdp2_train.py}" --backend gloo "$@"

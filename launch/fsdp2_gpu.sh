@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Multi-task FSDP2 (fully_shard) training with GradVac on every GPU of this machine: torchrun, one NCCL
+# process per GPU, bf16 compute with fp32 gradient reduction (override with --mixed-precision no).
+#   bash launch/fsdp2_gpu.sh [examples/fsdp2_train.py options, e.g. --steps 500 --checkpoint-dir ckpt]
+# Environment: NPROC (default: the GPUs nvidia-smi lists), MASTER_PORT (default 29500),
+# SCRIPT (default examples/fsdp2_train.py). .venv needs a CUDA build of torch (the pinned CPU wheel
+# has no NCCL): install one into .venv first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+NPROC=${NPROC:-$(nvidia-smi -L | wc -l)}
+if [ "$NPROC" -lt 1 ]; then echo "fsdp2_gpu.sh: no GPU found by nvidia-smi; use launch/fsdp2_cpu.sh" >&2; exit 1; fi
+exec .venv/bin/torchrun --nnodes 1 --nproc_per_node "$NPROC" \
+  --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29500}" \
+  "${SCRIPT:-examples/fsdp2_train.py}" --backend nccl --mixed-precision bf16 "$@"
