@@ -101,7 +101,8 @@ class GradVac:
             raise NonFiniteGradientError(
                 nonfinite_message(task, f"block {block}" if len(sizes) > 1 else None), task, None
             )
-        result = self._trajectory.advance(gramians, sizes, self.config)
+        # Inputs built here (Gramians of a Jacobian, orders from draw_order); finiteness checked above.
+        result = self._trajectory.advance(gramians, sizes, self.config, check_inputs=False)
         self.last_result = result
         return combine(jacobian, result.coefficients, segments)
 

@@ -156,7 +156,9 @@ def gradvac_step(
     ``coefficients[k, l] = sum_i A_k[i, l]``.
 
     The ``m - 1`` visits run as sequential steps vectorised over all tasks and blocks, with
-    incremental updates (``O(K m^2)`` work per visit) and no host synchronisation. It is
+    incremental updates and no host synchronisation: only the dot products still needed,
+    :math:`\langle p_i, g_{order[i, r]}\rangle` for later visits ``r``, are kept and updated
+    (at most ``K m^2`` numbers per visit, stored blocks-last so every gather reads whole rows). It is
     numerically safe: cosines are clamped to ``[-1, 1]``, square-root arguments at 0, a zero-norm
     ``g_j`` (or a zero denominator when ``eps == 0``) gives no correction, so targets stay in
     ``[-1, 1]`` and nothing non-finite comes out of finite inputs.
@@ -186,39 +188,74 @@ def gradvac_step(
     num_blocks, m = gramians.shape[0], gramians.shape[1]
     gram = gramians.to(dtype)
     gram = 0.5 * (gram + gram.transpose(1, 2))  # exact symmetry; rounding can break it slightly
-    new_targets = targets.to(device=device, dtype=dtype, copy=True)
+    # Blocks last: row a*m + b holds the K values of pair (a, b), so every gather below is a
+    # contiguous index_select of whole rows.
+    gram = gram.permute(1, 2, 0).reshape(m * m, num_blocks).contiguous()
+    old_targets = targets.to(device=device, dtype=dtype).permute(1, 2, 0).reshape(m * m, num_blocks).contiguous()
     order = order.to(device)
+    if m == 1:
+        ones = torch.ones((num_blocks, 1), dtype=dtype, device=device)
+        return GradVacStepResult(
+            ones, targets.to(device=device, dtype=dtype, copy=True), ones.view(-1, 1, 1), ones.view(-1, 1, 1) < 0
+        )
 
-    rows = torch.arange(m, device=device)
-    coef = torch.eye(m, dtype=dtype, device=device).repeat(num_blocks, 1, 1)  # A_k
-    coef_gram = gram.clone()  # A_k G_k, kept up to date incrementally
-    g_sq = torch.diagonal(gram, dim1=1, dim2=2).clamp_min(0.0)  # |g_j|^2, [K, m]
-    g_norm = g_sq.sqrt()
-    p_sq = g_sq.clone()  # |p_i|^2, [K, m]
-    cosines = torch.eye(m, dtype=dtype, device=device).repeat(num_blocks, 1, 1)
-    corrected = torch.zeros((num_blocks, m, m), dtype=torch.bool, device=device)
+    # Visit s of task i is the pair (i, order[i, s]). Everything is laid out visit-first,
+    # [m-1, m, K], so each visit reads contiguous slices. pair_index[s, i] is the pair's row.
+    visits = order.T.contiguous()  # visits[s, i] = order[i, s]
+    pair_index = (torch.arange(m, device=device).unsqueeze(0) * m + visits).reshape(-1)
+    # next_index[s, r, i]: the row of pair (order[i, s], order[i, r]), the Gramian entry that turns
+    # a correction at visit s into a change of the dot product needed at visit r > s.
+    next_index = visits.unsqueeze(1) * m + visits.unsqueeze(0)  # [m-1, m-1, m]
+    shape = (m - 1, m, num_blocks)
+    g_sq = gram.index_select(0, torch.arange(m, device=device) * (m + 1)).clamp_min(0.0)  # |g_l|^2, [m, K]
+    gj_sq = g_sq.index_select(0, visits.reshape(-1)).view(shape)
+    gj_norm = gj_sq.sqrt()
+    t_all = old_targets.index_select(0, pair_index).view(shape)
+    sqrt_1_t2 = (1.0 - t_all * t_all).clamp_min(0.0).sqrt()
+    w_den = gj_norm * sqrt_1_t2 + eps
+    can = (gj_sq > 0) & (w_den > 0)  # a zero g_j, or a zero denominator when eps == 0: no correction
+    w_den = torch.where(can, w_den, 1.0)
+    # dots[s, i] = <p_i, g_order[i, s]>, kept current as p_i is corrected (starts as <g_i, g_j>).
+    dots = gram.index_select(0, pair_index).view(shape)
+    p_sq = g_sq.clone()  # |p_i|^2
+    phis = torch.empty(shape, dtype=dtype, device=device)
+    weights = torch.empty(shape, dtype=dtype, device=device)
+    applied = torch.empty(shape, dtype=torch.bool, device=device)
     zero = torch.zeros((), dtype=dtype, device=device)
+    # One scratch buffer for the per-visit gathers: a fresh allocation per visit costs more than the
+    # gather itself (page faults: measured 7 ms vs 1.3 ms per visit at m=64, K=500).
+    scratch = torch.empty(((m - 2) * m, num_blocks), dtype=dtype, device=device) if m > 2 else None
 
     for s in range(m - 1):
-        j = order[:, s]  # task i visits task j[i]
-        dot = coef_gram[:, rows, j]  # <p_i, g_j>, [K, m]
-        gj_sq = g_sq[:, j]
-        gj_norm = g_norm[:, j]
+        dot, t = dots[s], t_all[s]
         p_norm = p_sq.clamp_min(0.0).sqrt()
-        den = p_norm * gj_norm + eps
-        phi = torch.where(den > 0, dot / den, zero).clamp(-1.0, 1.0)
-        t = new_targets[:, rows, j]
-        sqrt_1_t2 = (1.0 - t * t).clamp_min(0.0).sqrt()
-        sqrt_1_phi2 = (1.0 - phi * phi).clamp_min(0.0).sqrt()
-        w_den = gj_norm * sqrt_1_t2 + eps
-        do = (phi < t) & (gj_sq > 0) & (w_den > 0)
-        w = torch.where(do, p_norm * (t * sqrt_1_phi2 - phi * sqrt_1_t2) / torch.where(do, w_den, 1.0), zero)
-        # p_i += w g_j: A[i, j] += w, (A G)[i, :] += w G[j, :], |p|^2 += 2 w <p, g_j> + w^2 |g_j|^2.
-        coef[:, rows, j] += w
-        coef_gram += w.unsqueeze(-1) * gram[:, j, :]
-        p_sq = p_sq + w * (2.0 * dot + w * gj_sq)
-        new_targets[:, rows, j] = (1.0 - beta) * t + beta * phi
-        cosines[:, rows, j] = phi
-        corrected[:, rows, j] = do
+        den = p_norm * gj_norm[s] + eps
+        phi = torch.where(den > 0, dot / den, zero).clamp_(-1.0, 1.0)
+        do = (phi < t) & can[s]
+        sqrt_1_phi2 = (1.0 - phi * phi).clamp_min_(0.0).sqrt_()
+        w = torch.where(do, p_norm * (t * sqrt_1_phi2 - phi * sqrt_1_t2[s]) / w_den[s], zero)
+        # p_i += w g_j: |p|^2 += 2 w <p, g_j> + w^2 |g_j|^2, and <p_i, g_r> += w G[j, r] for later visits.
+        p_sq = p_sq + w * (2.0 * dot + w * gj_sq[s])
+        if s < m - 2:
+            assert scratch is not None
+            rows = (m - 2 - s) * m
+            later = torch.index_select(gram, 0, next_index[s, s + 1 :].reshape(-1), out=scratch[:rows])
+            dots[s + 1 :].addcmul_(w.unsqueeze(0), later.view(m - 2 - s, m, num_blocks))
+        phis[s], weights[s], applied[s] = phi, w, do
 
-    return GradVacStepResult(coef.sum(dim=1), new_targets, cosines, corrected)
+    # coefficients[l] = 1 (each p_i starts as g_i) + every w added to a p_i along g_l.
+    coef = torch.ones((m, num_blocks), dtype=dtype, device=device)
+    coef.index_add_(0, visits.reshape(-1), weights.view(-1, num_blocks))
+    new_targets = old_targets.clone()
+    new_targets.index_copy_(0, pair_index, ((1.0 - beta) * t_all + beta * phis).view(-1, num_blocks))
+    cosines = torch.eye(m, dtype=dtype, device=device).reshape(m * m, 1).repeat(1, num_blocks)
+    cosines.index_copy_(0, pair_index, phis.view(-1, num_blocks))
+    corrected = torch.zeros((m * m, num_blocks), dtype=torch.bool, device=device)
+    corrected.index_copy_(0, pair_index, applied.view(-1, num_blocks))
+
+    def blocks_first(x: Tensor) -> Tensor:
+        return x.view(m, m, num_blocks).permute(2, 0, 1).contiguous()
+
+    return GradVacStepResult(
+        coef.T.contiguous(), blocks_first(new_targets), blocks_first(cosines), blocks_first(corrected)
+    )
