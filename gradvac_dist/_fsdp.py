@@ -23,8 +23,9 @@ Facts of torch 2.13 this relies on (``shared/design/torch-distributed-facts.md``
 forward then m backward passes (``retain_graph=True``) works; each pass reduce-scatters and leaves
 ``param.grad`` a DTensor sharded like the parameter; a second pass accumulates into ``.grad``; each
 pass re-all-gathers the parameters unless told not to reshard after backward. The FSDP internals
-read here (each ``FSDPParamGroup``'s ``reshard_after_backward`` and ``reduce_grads``, the shared
-``is_last_backward`` flag) are checked at registration, so another torch release fails loudly.
+used here (each ``FSDPParamGroup``'s ``reshard_after_backward`` and ``reduce_grads``, the shared
+``is_last_backward`` flag, ``FSDPParam.sharded_param`` / ``to_sharded_dtensor``) are checked at
+registration, so another torch release fails loudly instead of misbehaving.
 """
 
 from __future__ import annotations
@@ -135,7 +136,6 @@ class _Plan:
     segments: list[Segment]
     param_segments: list[tuple[int, int, int]]
     dtype: torch.dtype
-    uniform_dtype: bool  # all local shards have ``dtype``
     device: torch.device
     stash: Tensor  # [m, L]
     views: list[list[Tensor]]  # views[task][i]: stash row `task` of parameter i, in its local shape
@@ -157,17 +157,18 @@ class FSDPGradVac:
        parameters all-gathered in the first pass stay unsharded for the others and a prefetch
        issued in one pass is consumed in a later one (no all-gather is repeated or wasted).
     2. For each task ``i``: ``losses[i].backward(retain_graph=i < m-1)``. FSDP reduce-scatters the
-       task's gradient (mean over ranks); copy each parameter's local shard
-       (``param.grad.to_local()``) into row ``i`` of the stash ``[m, L]`` (``L`` = this rank's
-       shard size, about n/W), zeros for a parameter the task does not reach, and set ``.grad``
-       to ``None`` so the next pass does not accumulate onto it. On an accelerator, wait for the
-       pass's reduce-scatters first (FSDP runs them on a side stream).
+       task's gradient (mean over ranks) into each sharded ``.grad``; one batched copy moves the
+       local shards (``.grad.to_local()``) into row ``i`` of the stash ``[m, L]`` (``L`` = this
+       rank's shard size, about n/W; zeros for parameters the task does not reach) and ``.grad``
+       is set to ``None``, so the next pass does not accumulate onto it. On an accelerator the
+       copy is first ordered after FSDP's reduce-scatter stream (a stream wait, no host sync).
     3. Partial Gramians ``[K, m, m]`` of the stash, block by block, plus per task the sum of the
        columns outside every block (only to detect inf/NaN there), all in float64.
     4. ONE all-reduce (SUM) of those ``K*m*m + m`` numbers: the exact Gramians of the rank-mean
        per-task gradients, identical on every rank.
     5. If finite: every rank runs the identical :meth:`Trajectory.advance` (same Gramians, targets
-       and order generator) and gets the per-block coefficients ``c[k, l]``. If not: the state is
+       and order generator; on the host, where the EMA targets are kept) and gets the per-block
+       coefficients ``c[k, l]``. If not: the state is
        left untouched, the coefficients are all ones (the plain sum), and with
        ``on_nonfinite="raise"`` a :class:`~gradvac_dist.NonFiniteGradientError` naming a task and
        parameter is raised after ``.grad`` is written (one extra all-reduce, on that path only).
@@ -209,7 +210,12 @@ class FSDPGradVac:
         self.group = _mesh_group(params, self.param_names)
         # FSDP swaps the module's parameters between the sharded DTensors and the unsharded tensors
         # around forward and backward; its FSDPParam objects are stable and know the sharded one.
-        by_id = {id(fp.sharded_param): fp for group in self._groups for fp in group.fsdp_params}
+        by_id = {}
+        for group in self._groups:
+            for fp in group.fsdp_params:
+                by_id[id(fp.sharded_param)] = fp
+                info = fp._module_info  # the parameter as registered on its module now (before lazy init too)
+                by_id[id(getattr(info.module, info.param_name))] = fp
         unmanaged = [n for n, p in zip(self.param_names, params) if id(p) not in by_id]
         if unmanaged:
             raise ValueError(
@@ -360,11 +366,7 @@ class FSDPGradVac:
                 else:
                     ctx.is_last_backward = True
                 loss.backward(retain_graph=not last)
-                if not last and keep_unsharded and self._on_accelerator:
-                    # Without the end-of-backward finalisation FSDP's side-stream reduce-scatters (and
-                    # any grad offload copies) may still be running: wait before reading .grad.
-                    torch.accelerator.synchronize()
-                self._take(plan, task, accumulate)
+                self._take(plan, task, accumulate, root)
             done = True
         finally:
             for group, value in zip(self._groups, saved_reshard):
@@ -390,12 +392,14 @@ class FSDPGradVac:
 
             check_state_in_sync(state)
 
-    def _take(self, plan: _Plan, task: int, accumulate: bool) -> None:
-        """Moves this pass's reduce-scattered shards from ``.grad`` into stash row ``task``."""
+    def _take(self, plan: _Plan, task: int, accumulate: bool, root: Any) -> None:
+        """Moves pass ``task``'s reduce-scattered shards from ``.grad`` into stash row ``task`` (one batched copy)."""
+        if self._on_accelerator:
+            _wait_for_reductions(root, plan.device)
+        views = plan.views[task]
         dst: list[Tensor] = []
         src: list[Tensor] = []
         zero: list[Tensor] = []
-        views = plan.views[task]
         with torch.no_grad():
             for i, p in enumerate(plan.params):
                 grad = p.grad
@@ -410,8 +414,11 @@ class FSDPGradVac:
                 dst.append(views[i])
                 src.append(grad.to_local())
                 plan.reached[i] = True
+                # Freeing the shard now is safe on an accelerator too: its memory belongs to FSDP's
+                # reduce-scatter stream, which waits for this stream (so for the copy issued below)
+                # before its next reduction can reuse it.
                 p.grad = None
-            if not plan.uniform_dtype:  # parameters of several dtypes: the stash has the promoted one
+            if any(t.dtype != plan.dtype for t in src):  # parameters of several dtypes
                 for d, g in zip(dst, src):
                     if accumulate:
                         d.add_(g)
@@ -438,11 +445,16 @@ class FSDPGradVac:
             if block < 0:
                 outside += stash[:, start:stop].sum(dim=1, dtype=torch.float64)
         all_reduce_sum(buf, self.group, state.counters, "gramian_all_reduce")
+        # The step's one host sync. The coefficient stage (K m x m problems, m-1 sequential visits)
+        # then runs on the host: on an accelerator its dozens of tiny kernels cost more in launches
+        # than the arithmetic, and the decision below needs the host anyway.
+        host = buf.cpu()
         nonfinite: NonFiniteGradientError | None = None
-        if bool(torch.isfinite(buf).all()):  # the step's one host sync; identical on every rank
-            result = state.trajectory.advance(gram, self.block_sizes, state.config, check_inputs=False)
+        if bool(torch.isfinite(host).all()):  # identical on every rank
+            host_gram = host[: num_blocks * m * m].view(num_blocks, m, m)
+            result = state.trajectory.advance(host_gram, self.block_sizes, state.config, check_inputs=False)
             state.last_result = result
-            coef = result.coefficients
+            coef = result.coefficients.to(plan.device)
         else:  # state untouched; the plain (non-finite) sum goes to .grad, so a GradScaler skips
             nonfinite = self._diagnose(plan)
             state.last_result = None
@@ -460,10 +472,8 @@ class FSDPGradVac:
                 if old is not None:
                     old.to_local().add_(local)
                     p.grad = old
-                else:
-                    p.grad = DTensor.from_local(
-                        local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
-                    )
+                else:  # the DTensor FSDP itself would build: the parameter's spec (mesh, placements, shape)
+                    p.grad = self._fsdp_params[i].to_sharded_dtensor(local)
         plan.reached[:] = [False] * len(plan.params)
         return nonfinite
 
@@ -501,6 +511,25 @@ class FSDPGradVac:
         return self._plan
 
 
+def _wait_for_reductions(root: Any, stash_device: torch.device) -> None:
+    """Orders this stream after FSDP's reductions of the pass, so that ``.grad`` can be read.
+
+    FSDP reduce-scatters (and, for HSDP, all-reduces) on side streams and only makes the current
+    stream wait for them when it finalises a backward, which GradVac defers to the last pass. A
+    stream wait costs no host synchronisation. Shards offloaded to the CPU are written by
+    asynchronous device-to-host copies: the host must wait for the device there.
+    """
+    comm = getattr(root, "_comm_ctx", None)
+    streams = [getattr(comm, name, None) for name in ("reduce_scatter_stream", "all_reduce_stream")]
+    if stash_device.type == "cpu" or streams[0] is None:
+        torch.accelerator.synchronize()
+        return
+    current = torch.accelerator.current_stream()
+    for stream in streams:
+        if stream is not None:
+            current.wait_stream(stream)
+
+
 def _build_plan(params: Sequence[nn.Parameter], layout: BlockLayout, m: int) -> _Plan:
     locals_ = [p.to_local() for p in params]
     device = locals_[0].device
@@ -534,7 +563,6 @@ def _build_plan(params: Sequence[nn.Parameter], layout: BlockLayout, m: int) -> 
         segments=segments,
         param_segments=param_segments,
         dtype=dtype,
-        uniform_dtype=all(t.dtype == dtype for t in locals_),
         device=device,
         stash=stash,
         views=views,
@@ -584,8 +612,16 @@ def _param_groups_of(model: nn.Module) -> list[Any]:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             fsdp_state = module._get_fsdp_state()
-            groups.extend(getattr(fsdp_state, "_fsdp_param_groups", []))
+            found = getattr(fsdp_state, "_fsdp_param_groups", None)  # torch 2.13: a list per state
+            if found is None:  # older releases: one optional group per state
+                single = getattr(fsdp_state, "_fsdp_param_group", None)
+                found = [] if single is None else [single]
+            groups.extend(found)
     missing = [a for a in ("reshard_after_backward", "reduce_grads") if groups and not hasattr(groups[0], a)]
+    if not groups:
+        missing.append("_fsdp_param_groups")
+    if groups and groups[0].fsdp_params and not hasattr(groups[0].fsdp_params[0], "to_sharded_dtensor"):
+        missing.append("FSDPParam.to_sharded_dtensor")
     if missing or not hasattr(model._get_fsdp_state(), "_state_ctx"):
         raise RuntimeError(
             f"this torch release ({torch.__version__}) lays out FSDP2's internals differently from torch 2.13 "

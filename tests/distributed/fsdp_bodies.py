@@ -28,6 +28,7 @@ from gradvac_dist import GradVac, GradVacState, gradvac_hook, register_fsdp
 
 M = 3
 IN, HID, HID2 = 6, 13, 11
+DEVICE = torch.device("cpu")  # cuda_equivalence_body sets the rank's GPU
 GLOBAL_BATCH = 12  # divisible by 2 and 4: rank means (and micro-batch sums) are exact
 
 
@@ -46,11 +47,11 @@ class MultiTask(nn.Module):
 
 def make_model(seed: int = 0) -> MultiTask:
     torch.manual_seed(seed)
-    return MultiTask().double()
+    return MultiTask().double().to(DEVICE)
 
 
 def shard(model: MultiTask, world: int, reshard_after_forward: bool = True, mp: bool = False) -> MultiTask:
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(DEVICE.type, (world,))
     kwargs: dict = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float64)
@@ -67,7 +68,7 @@ def batch(step: int, rank: int, world: int, part: int = 0, parts: int = 1):
     ys[1] = -ys[0] + 0.3 * ys[1]  # conflicting tasks
     per = GLOBAL_BATCH // world // parts
     start = (rank * parts + part) * per
-    return x[start : start + per], ys[:, start : start + per]
+    return x[start : start + per].to(DEVICE), ys[:, start : start + per].to(DEVICE)
 
 
 def task_losses(outs, ys):
@@ -128,13 +129,16 @@ def full_grad(model: nn.Module) -> torch.Tensor:
         if g is None:
             parts.append(torch.zeros(p.shape, dtype=torch.float64).flatten())
         else:
-            parts.append((g.full_tensor() if isinstance(g, DTensor) else g).double().flatten())
+            parts.append((g.full_tensor() if isinstance(g, DTensor) else g).double().flatten().cpu())
     return torch.cat(parts)
 
 
 def full_params(model: nn.Module) -> torch.Tensor:
     return torch.cat(
-        [(p.full_tensor() if isinstance(p, DTensor) else p).detach().double().flatten() for p in model.parameters()]
+        [
+            (p.full_tensor() if isinstance(p, DTensor) else p).detach().double().flatten().cpu()
+            for p in model.parameters()
+        ]
     )
 
 
@@ -240,7 +244,7 @@ def run_config(
                 same = p.grad.placements == p.placements and p.grad.to_local().shape == p.to_local().shape
                 placements_ok = placements_ok and same and p.grad.dtype == p.dtype
         got = full_grad(model)
-        max_err = max(max_err, float((got - expected).norm() / expected.norm()))
+        max_err = max(max_err, float((got - expected.cpu()).norm() / expected.norm()))
         if ddp_model is not None:
             x, ys = batch(step, rank, world)
             gradvac_dist.backward(ddp_model, task_losses(ddp_model(x)[:M], ys))
@@ -261,8 +265,8 @@ def run_config(
         "max_rel_err_ddp": max_err_ddp,
         "params": full_params(model),
         "ref_params": full_params(plain),
-        "targets": state.trajectory.targets.clone(),
-        "ref_targets": ref_agg.targets.clone(),
+        "targets": state.trajectory.targets.cpu(),
+        "ref_targets": ref_agg.targets.cpu(),
         "generator": state.trajectory.generator.get_state(),
         "step": state.step,
         "calls": dict(state.counters.calls),
@@ -359,6 +363,15 @@ def misuse(rank, world) -> dict:
         if callable(fn) and name != "sharded":
             out[name] = _capture(fn)
 
+    # a plain backward on a registered model is plain FSDP: the stash hooks stay inert
+    model = sharded()
+    register_fsdp(model, GradVacState(num_tasks=M))
+    gradvac_dist.backward(model, task_losses(model(x), ys))
+    for p in model.parameters():
+        p.grad = None
+    sum(task_losses(model(x), ys)).backward()
+    out["plain_backward_grads"] = sum(p.grad is not None for p in model.parameters())
+
     # on_nonfinite="skip": the state is untouched, .grad holds the non-finite plain sum (a GradScaler skips)
     model = sharded()
     state = GradVacState(num_tasks=M, on_nonfinite="skip")
@@ -439,3 +452,12 @@ def checkpoint_body(rank, world, folder):
     out["wrong_grouping"] = _capture(lambda: dcp.load({"gradvac": handle_e}, checkpoint_id=saved))
     out["wrong_grouping_step"] = state_e.step
     return out
+
+
+def cuda_equivalence_body(rank, world, configs):
+    """The equivalence configurations on this rank's GPU with NCCL (tests/gpu)."""
+    global DEVICE
+    torch.cuda.set_device(rank)
+    DEVICE = torch.device("cuda", rank)
+    counter = CollectiveCounter()
+    return [run_config(rank, world, counter, **cfg) for cfg in configs]

@@ -113,6 +113,7 @@ def test_misuse_fails_loudly(run):
         step, skipped, grads_finite, no_targets = res["skip"]
         assert (step, skipped, grads_finite, no_targets) == (0, 1, False, True), res["skip"]
         assert res["after_skip_step"] == 1
+        assert res["plain_backward_grads"] == 11  # every parameter but the unreached spare head's two
 
 
 def test_dcp_checkpoint_round_trip_and_resume(tmp_path):
