@@ -102,6 +102,13 @@ def start_all_gather(
     return work
 
 
+def collective_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where tensors handed to the group's collectives must live: CPU for gloo, the current GPU otherwise."""
+    if str(dist.get_backend(group)).lower() == "gloo" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def world_of(group: dist.ProcessGroup | None) -> tuple[int, int]:
     """(rank, world size) in ``group``."""
     return dist.get_rank(group), dist.get_world_size(group)
@@ -119,9 +126,9 @@ def differing_entries(
     One MAX all-reduce of ``[x, -x]`` (float64) gives every entry's maximum and minimum over the
     ranks; an entry differs iff they differ. Every rank gets the same answer.
     """
-    flat = [t.detach().reshape(-1).to(torch.float64) for t in parts.values()]
-    device = flat[0].device if flat else torch.device("cpu")
-    values = torch.cat([f.to(device) for f in flat]) if flat else torch.zeros(0, dtype=torch.float64)
+    device = collective_device(group)
+    flat = [t.detach().reshape(-1).to(device=device, dtype=torch.float64) for t in parts.values()]
+    values = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64, device=device)
     both = torch.cat([values, -values])
     counters.record("sync_check_all_reduce", both)
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)

@@ -1,4 +1,11 @@
-"""Command line of the benchmarks: ``python -m gradvac_dist.bench core [--quick] [--threads N] [--markdown PATH]``."""
+"""Command line of the benchmarks.
+
+    python -m gradvac_dist.bench core [--quick] [--threads N] [--markdown PATH]
+    python -m gradvac_dist.bench ddp  [--quick] [--markdown PATH] ...   (2 gloo ranks)
+    python -m gradvac_dist.bench fsdp [--quick] ...                      (2 gloo ranks)
+
+Each prints medians side by side from one run, their ratios, and PASS/FAIL against its goals.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +24,20 @@ def _progress(line: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parses ``argv`` (default: the process arguments), runs the benchmark, prints its report.
+    """Dispatches ``argv`` (default: the process arguments) to a benchmark; returns its exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("ddp", "fsdp"):
+        from . import ddp, fsdp
 
-    Returns the exit status (0).
-    """
-    parser = argparse.ArgumentParser(prog="python -m gradvac_dist.bench", description=__doc__)
-    sub = parser.add_subparsers(dest="benchmark", required=True)
+        return {"ddp": ddp.main, "fsdp": fsdp.main}[args[0]](args[1:])
+    return _core_main(args)
+
+
+def _core_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gradvac_dist.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="benchmark", required=True, help="core, ddp or fsdp")
     core_parser = sub.add_parser("core", help="single-process GradVac vs plain loop, summation and TorchJD")
     core_parser.add_argument("--quick", action="store_true", help="small sizes (a few seconds), for smoke tests")
     core_parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the report as markdown")

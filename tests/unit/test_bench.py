@@ -54,3 +54,13 @@ def test_table_renders_text_and_markdown():
         "  a note",
     ]
     assert "| a | 1.00 |" in table.to_markdown()
+
+
+def test_dispatch_reaches_the_distributed_benchmarks(capsys):
+    import pytest
+
+    for name in ("ddp", "fsdp"):
+        with pytest.raises(SystemExit) as info:
+            main([name, "--help"])
+        assert info.value.code == 0
+        assert f"gradvac_dist.bench.{name}" in capsys.readouterr().out
