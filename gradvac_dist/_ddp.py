@@ -21,12 +21,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ._blocks import BlockLayout, Segment, combine, layout_of, partial_gramians, segments_of_range
 from ._comm import (
+    PendingReduce,
     all_reduce_sum,
     default_strategy,
     differing_entries,
+    reduce_scatter_via_all_to_all,
     shard_length,
     start_all_gather,
-    start_all_reduce,
+    start_all_reduce_pending,
     start_reduce_scatter,
     world_of,
 )
@@ -64,7 +66,9 @@ def gradvac_hook(state: GradVacState, bucket: dist.GradBucket) -> torch.futures.
     Communication per step and rank, n parameters, ring algorithms (elements sent):
 
     - ``"replicated"``: m all-reduces of n: about ``2 m n (W-1)/W``, plus ``K m^2``.
-    - ``"sharded"``: m reduce-scatters and one all-gather: about ``(m+1) n (W-1)/W``, plus ``K m^2``.
+    - ``"sharded"`` (default): m reduce-scatters and one all-gather: about ``(m+1) n (W-1)/W``, plus
+      ``K m^2``. On gloo each reduce-scatter is an ``all_to_all_single`` plus a local sum, because
+      gloo's own reduce-scatter sends the whole bucket.
 
     Memory: the stash holds ``m n`` (replicated) or ``m n / W`` (sharded) elements per rank.
     """
@@ -94,6 +98,7 @@ class _BucketPlan:
         "param_ids",
         "param_segments",
         "params_in_bucket",
+        "recv",
         "scratch",
         "shard",
         "shard_segments",
@@ -109,6 +114,7 @@ class _BucketPlan:
         rank: int,
         world: int,
         sharded: bool,
+        all_to_all: bool,
     ) -> None:
         params = bucket.parameters()
         self.param_ids = tuple(id(p) for p in params)
@@ -140,10 +146,11 @@ class _BucketPlan:
         if sharded:
             self.stash = torch.zeros((m, shard), dtype=buf.dtype, device=buf.device)
             self.scratch = torch.zeros(shard * world, dtype=buf.dtype, device=buf.device)
+            self.recv = torch.empty_like(self.scratch) if all_to_all else None
         else:
             self.stash = torch.zeros((m, self.length), dtype=buf.dtype, device=buf.device)
-            self.scratch = None
-        self.works: list[dist.Work | None] = [None] * m
+            self.scratch = self.recv = None
+        self.works: list[PendingReduce | None] = [None] * m
         self.future: torch.futures.Future[Tensor] | None = None
 
 
@@ -156,6 +163,7 @@ class _DDPRuntime:
         group = state.process_group
         self.rank, self.world = world_of(group)
         self.strategy = state.strategy or default_strategy(group)
+        self.all_to_all = reduce_scatter_via_all_to_all(group)
         params = [p for p in ddp._module_parameters if p.requires_grad]
         self.layout: BlockLayout = layout_of(ddp.module, params, state.grouping, state.shared_params)
         names = {id(p): n for n, p in ddp.module.named_parameters()}
@@ -219,7 +227,9 @@ class _DDPRuntime:
         plan = self.plans.get(index)
         if plan is None or plan.param_ids != tuple(id(p) for p in bucket.parameters()):
             m = self.state.num_tasks
-            plan = _BucketPlan(bucket, self.index_of, m, self.rank, self.world, self.strategy == "sharded")
+            plan = _BucketPlan(
+                bucket, self.index_of, m, self.rank, self.world, self.strategy == "sharded", self.all_to_all
+            )
             self.plans[index] = plan
         return plan
 
@@ -233,19 +243,18 @@ class _DDPRuntime:
         if self.pending is not None:  # earlier micro-batches of this step (gradient accumulation)
             for index, start, stop in plan.params_in_bucket:
                 buf[start:stop].add_(self.pending[task, self.offsets[index] : self.offsets[index + 1]])
-        buf.div_(self.world)
         if self.strategy == "sharded":
             if task > 0:
                 prev = plan.works[task - 1]
                 if prev is not None:
-                    prev.wait()  # the scratch input is reused for this task
-            plan.scratch[: plan.length].copy_(buf)
+                    prev.wait()  # the scratch (and receive) buffers are reused for this task
+            torch.div(buf, self.world, out=plan.scratch[: plan.length])
             plan.works[task] = start_reduce_scatter(
-                plan.stash[task], plan.scratch, group, counters, "task_reduce_scatter"
+                plan.stash[task], plan.scratch, plan.recv, group, counters, "task_reduce_scatter"
             )
         else:
-            plan.stash[task].copy_(buf)
-            plan.works[task] = start_all_reduce(plan.stash[task], group, counters, "task_all_reduce")
+            torch.div(buf, self.world, out=plan.stash[task])
+            plan.works[task] = start_all_reduce_pending(plan.stash[task], group, counters, "task_all_reduce")
         fut: torch.futures.Future[Tensor] = torch.futures.Future()
         if task < m - 1:
             fut.set_result(buf.zero_())

@@ -210,7 +210,7 @@ class GradVacState:
         grouping: ``"whole"``, ``"parameter"`` or ``"module"`` (see :mod:`gradvac_dist`).
         process_group: the group to communicate in (default: the default group).
         strategy: ``"sharded"`` or ``"replicated"`` per-task reduction, ``None`` for the backend's
-            measured default (gloo: replicated; NCCL and others: sharded).
+            measured default (``"sharded"``; on gloo its reduce-scatter is built from all-to-all).
         shared_params: names (or name prefixes, e.g. ``"encoder"``) of the wrapped module's
             parameters GradVac acts on; every other parameter gets the plain sum of its task
             gradients. ``None``: all parameters.

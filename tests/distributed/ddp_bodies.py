@@ -99,10 +99,12 @@ def reference_grad(agg: GradVac, mean_jac: torch.Tensor, cols, sizes) -> torch.T
     return out
 
 
-def run_config(rank, world, grouping, strategy, shared=None, steps=3, bucket_cap_mb=0.002, seed=0, device="cpu"):
+def run_config(
+    rank, world, grouping, strategy, shared=None, steps=3, bucket_cap_mb=0.002, seed=0, device="cpu", bucket_view=False
+):
     model = make_model(seed).to(device)
     plain = copy.deepcopy(model)
-    ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=bucket_cap_mb)
+    ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=bucket_view)
     state = GradVacState(num_tasks=M, seed=7, grouping=grouping, strategy=strategy, shared_params=shared)
     ddp.register_comm_hook(state, gradvac_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)

@@ -18,6 +18,8 @@ CONFIGS = [
 ] + [
     {"grouping": "module", "strategy": "sharded", "shared": ["encoder"]},
     {"grouping": "parameter", "strategy": "replicated", "shared": ["encoder", "gain"]},
+    {"grouping": "module", "strategy": "replicated", "bucket_view": True},
+    {"grouping": "whole", "strategy": "sharded", "bucket_view": True},
 ]
 
 
