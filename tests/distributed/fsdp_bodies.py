@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradvac_dist
 from gradvac_dist import GradVac, GradVacState, gradvac_hook, register_fsdp
+from tests.distributed.ddp_bodies import _capture, block_columns, reference_grad
 
 M = 3
 IN, HID, HID2 = 6, 13, 11
@@ -90,36 +91,6 @@ def rank_mean_jacobian(model: nn.Module, x, ys, world: int) -> torch.Tensor:
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local)
     return torch.stack(gathered).mean(0)
-
-
-def block_columns(model: nn.Module, grouping: str, shared: list[str] | None):
-    """(column index of acted-on params in block order, block sizes), from names: the test's own view."""
-    named = list(model.named_parameters())
-    numels = [p.numel() for _, p in named]
-    offsets = [sum(numels[:i]) for i in range(len(numels))]
-
-    def acted(name):
-        return shared is None or any(name == s or name.startswith(s + ".") for s in shared)
-
-    def owner(name):
-        return name.rsplit(".", 1)[0] if "." in name else ""
-
-    keys: dict[str, list[int]] = {}
-    for i, (name, _) in enumerate(named):
-        if acted(name):
-            key = "all" if grouping == "whole" else (name if grouping == "parameter" else owner(name))
-            keys.setdefault(key, []).append(i)
-    cols, sizes = [], []
-    for members in keys.values():
-        cols += [torch.arange(offsets[i], offsets[i] + numels[i]) for i in members]
-        sizes.append(sum(numels[i] for i in members))
-    return torch.cat(cols), sizes
-
-
-def reference_grad(agg: GradVac, mean_jac: torch.Tensor, cols, sizes) -> torch.Tensor:
-    out = mean_jac.sum(0)
-    out[cols] = agg(mean_jac[:, cols], sizes)
-    return out
 
 
 def full_grad(model: nn.Module) -> torch.Tensor:
@@ -282,14 +253,6 @@ def run_config(
 def _cast(xy, mp):
     x, ys = xy
     return (x.float(), ys) if mp else (x, ys)
-
-
-def _capture(fn):
-    try:
-        fn()
-    except Exception as err:
-        return type(err).__name__, str(err)
-    return None
 
 
 def misuse(rank, world) -> dict:
