@@ -417,6 +417,19 @@ def checkpoint_body(rank, world, folder):
     return out
 
 
+def resume_body(rank, world, start, stop, load_from=None, save_to=None):
+    """Trains steps start..stop on `world` ranks, optionally from / into a DCP checkpoint."""
+    model, state, handle, opt = _setup(world, seed=0 if load_from is None else 1)
+    if load_from is not None:
+        to_load = {"model": get_model_state_dict(model), "gradvac": handle}
+        dcp.load(to_load, checkpoint_id=load_from)
+        set_model_state_dict(model, to_load["model"])
+    _train(model, opt, rank, world, start, stop)
+    if save_to is not None:
+        dcp.save({"model": get_model_state_dict(model), "gradvac": handle}, checkpoint_id=save_to)
+    return {"params": full_params(model), **_gradvac_snapshot(state)}
+
+
 def cuda_equivalence_body(rank, world, configs):
     """The equivalence configurations on this rank's GPU with NCCL (tests/gpu)."""
     global DEVICE

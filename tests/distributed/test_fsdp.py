@@ -132,3 +132,15 @@ def test_dcp_checkpoint_round_trip_and_resume(tmp_path):
         assert res["wrong_grouping"][0] == "ValueError" and "grouping 'module' differs" in res["wrong_grouping"][1]
         assert res["wrong_grouping_step"] == 0
     assert torch.equal(results[0]["resumed"]["targets"], results[1]["resumed"]["targets"])
+
+
+def test_dcp_resume_on_another_world_size(tmp_path):
+    """2 ranks save after 2 steps; 1 rank resumes: the same trajectory as 4 steps on 2 ranks."""
+    ckpt = str(tmp_path / "step2")
+    straight = run_distributed(fsdp_bodies.resume_body, 2, 0, 4, timeout=120)[0]
+    run_distributed(fsdp_bodies.resume_body, 2, 0, 2, None, ckpt, timeout=120)
+    resumed = run_distributed(fsdp_bodies.resume_body, 1, 2, 4, ckpt, timeout=120)[0]
+    assert resumed["step"] == straight["step"] == 4
+    assert torch.equal(resumed["generator"], straight["generator"])
+    assert torch.allclose(resumed["targets"], straight["targets"], atol=1e-12, rtol=0)
+    assert torch.allclose(resumed["params"], straight["params"], atol=1e-12, rtol=0)
