@@ -23,6 +23,8 @@ __all__ = [
     "fmt_ratio",
     "machine_line",
     "pass_fail",
+    "release_and_reset_peak",
+    "rss_bytes",
     "time_interleaved",
     "time_ms",
 ]
@@ -130,6 +132,40 @@ def machine_line() -> str:
         f"machine: {cores} cores ({usable} usable), {_cpu_model()}{gpu}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} intra-op threads; python {platform.python_version()}; load avg {load}"
     )
+
+
+def rss_bytes(peak: bool = False) -> float | None:
+    """This process's resident set in bytes (``peak``: its high-water mark, ``VmHWM``), or None off Linux."""
+    name = "VmHWM:" if peak else "VmRSS:"
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(name):
+                    return float(line.split()[1]) * 1024.0
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
+
+
+def release_and_reset_peak() -> None:
+    """Frees what can be freed (reference cycles, malloc's unused heap) and restarts the peak RSS from now.
+
+    Writing 5 to ``/proc/self/clear_refs`` resets ``VmHWM`` to the current RSS (Linux >= 4.0); where
+    that is refused the peak stays the process's peak so far, so measure the lightest setup first.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
 
 
 def fmt_ms(timing: Timing | None) -> str:

@@ -50,10 +50,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import GradVacState, gradvac_hook
 from .. import backward as gradvac_backward
-from ._timing import Report, Table, machine_line, pass_fail
+from ._timing import Report, Table, machine_line, pass_fail, release_and_reset_peak, rss_bytes
 from .core import PlainLoopGradVac
 
-__all__ = ["main"]
+__all__ = ["Config", "Summary", "main", "run"]
 
 GOAL = 1.15
 M = 3
@@ -70,6 +70,7 @@ LABELS = {
 @dataclass
 class Config:
     world: int = 2
+    m: int = M  # tasks (heads)
     batch: int = 64  # per rank
     in_dim: int = 512
     hidden: int = 1024
@@ -83,6 +84,7 @@ class Config:
     profile: bool = False
     timeout: float = 600.0
     variants: tuple[str, ...] = VARIANTS
+    memory_steps: int = 0  # > 0: first, each variant alone for this many steps, its peak RSS and stash measured
 
 
 @dataclass
@@ -97,6 +99,11 @@ class RankResult:
     profile: dict[str, dict[str, float]] = field(default_factory=dict)  # variant -> phase -> ms/step
     num_params: int = 0
     num_buckets: int = 0
+    # memory probe (cfg.memory_steps > 0): bytes per variant
+    stash_bytes: dict[str, int] = field(default_factory=dict)  # per-task gradients kept: GradVac stash, naive buffers
+    scratch_bytes: dict[str, int] = field(default_factory=dict)  # GradVac's all-gather buffer (sharded)
+    rss_base: dict[str, float] = field(default_factory=dict)  # resident set before the variant is built
+    rss_peak: dict[str, float] = field(default_factory=dict)  # peak resident set while it is built and stepped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +134,7 @@ class MultiTaskMLP(nn.Module):
 
 
 def _losses(outs: list[Tensor], ys: Tensor) -> list[Tensor]:
-    return [((outs[i] - ys[i]) ** 2).mean() for i in range(M)]
+    return [((outs[i] - ys[i]) ** 2).mean() for i in range(len(outs))]
 
 
 class _Variant:
@@ -136,8 +143,9 @@ class _Variant:
     def __init__(self, key: str, cfg: Config, x: Tensor, ys: Tensor) -> None:
         self.key, self.x, self.ys = key, x, ys
         self.world = dist.get_world_size()
+        self.m = m = cfg.m
         torch.manual_seed(0)
-        module = MultiTaskMLP(cfg.in_dim, cfg.hidden, cfg.head_hidden)
+        module = MultiTaskMLP(cfg.in_dim, cfg.hidden, cfg.head_hidden, m)
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.n = sum(p.numel() for p in self.params)
         self.state: GradVacState | None = None
@@ -149,29 +157,30 @@ class _Variant:
             self.model = DistributedDataParallel(module, bucket_cap_mb=cfg.bucket_cap_mb)
         else:
             self.model = module
-            self.loop = PlainLoopGradVac(M, [self.n], seed=0)
-            self.gathered = torch.empty(self.world, M, self.n)
+            self.loop = PlainLoopGradVac(m, [self.n], seed=0)
+            self.gathered = torch.empty(self.world, m, self.n)
         if key in ("d", "e"):
-            self.state = GradVacState(num_tasks=M, seed=0, strategy="replicated" if key == "d" else "sharded")
+            self.state = GradVacState(num_tasks=m, seed=0, strategy="replicated" if key == "d" else "sharded")
             self.model.register_comm_hook(self.state, gradvac_hook)
         self.optimizer = torch.optim.SGD(module.parameters(), lr=1e-3)
 
     def grads(self) -> None:
         losses = _losses(self.model(self.x), self.ys)
+        m = self.m
         if self.key == "a":
             for i, loss in enumerate(losses):
                 self.model.reducer.prepare_for_backward([loss])
-                loss.backward(retain_graph=i < M - 1)
-            self._count("ddp_all_reduce", M * self.n * 4)  # DDP all-reduces every bucket in every pass
+                loss.backward(retain_graph=i < m - 1)
+            self._count("ddp_all_reduce", m * self.n * 4)  # DDP all-reduces every bucket in every pass
         elif self.key == "b":
             torch.stack(losses).sum().backward()
             self._count("ddp_all_reduce", self.n * 4)
         elif self.key in ("d", "e"):
             gradvac_backward(self.model, losses)
         else:
-            jac = torch.empty(M, self.n)
+            jac = torch.empty(m, self.n)
             for i, loss in enumerate(losses):
-                gs = torch.autograd.grad(loss, self.params, retain_graph=i < M - 1, allow_unused=True)
+                gs = torch.autograd.grad(loss, self.params, retain_graph=i < m - 1, allow_unused=True)
                 flat = [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, self.params)]
                 torch.cat(flat, out=jac[i])
             dist.all_gather(list(self.gathered.unbind(0)), jac)
@@ -200,6 +209,19 @@ class _Variant:
         self.payload.clear()
         if self.state is not None:
             self.state.counters.reset()
+
+    def memory(self) -> tuple[int, int]:
+        """Bytes of the per-task gradients this variant keeps (GradVac's stash; the naive variant's
+        gathered ``[W, m, n]`` and local ``[m, n]``), and of GradVac's all-gather scratch."""
+        if self.key == "c":
+            return (self.gathered.numel() + self.m * self.n) * 4, 0
+        runtime = self.state._runtime if self.state is not None else None
+        if runtime is None:
+            return 0, 0
+        plans = runtime.plans.values()
+        stash = sum(p.stash.numel() * p.stash.element_size() for p in plans)
+        scratch = sum(p.scratch.numel() * p.scratch.element_size() for p in plans if p.scratch is not None)
+        return stash, scratch
 
     def counts(self) -> tuple[dict[str, int], dict[str, int]]:
         if self.state is not None:
@@ -275,17 +297,47 @@ class _Profiler:
         self._saved.clear()
 
 
+def _probe_memory(cfg: Config, x: Tensor, ys: Tensor, out: RankResult) -> None:
+    """Each variant alone, lightest first: built, stepped ``cfg.memory_steps`` times, peak RSS read, freed.
+
+    A throwaway variant runs first, so that one-time allocations (gloo, autograd's engine, DDP's
+    first reducer) are not charged to the first variant measured.
+    """
+    warm = _Variant(cfg.variants[0], cfg, x, ys)
+    warm.step()
+    dist.barrier()
+    del warm
+    for k in ("b", "a", "e", "d", "c"):
+        if k not in cfg.variants:
+            continue
+        release_and_reset_peak()
+        base = rss_bytes()
+        v = _Variant(k, cfg, x, ys)
+        for _ in range(cfg.memory_steps):
+            v.step()
+        peak = rss_bytes(peak=True)
+        if base is not None and peak is not None:
+            out.rss_base[k], out.rss_peak[k] = base, peak
+        out.stash_bytes[k], out.scratch_bytes[k] = v.memory()
+        dist.barrier()
+        del v
+    release_and_reset_peak()
+
+
 def _rank_main(rank: int, cfg: Config) -> RankResult:
     world = cfg.world
     gen = torch.Generator().manual_seed(1234)
     x_all = torch.randn(world * cfg.batch, cfg.in_dim, generator=gen)
-    ys_all = torch.randn(M, world * cfg.batch, generator=gen)
+    ys_all = torch.randn(cfg.m, world * cfg.batch, generator=gen)
     ys_all[1] = -ys_all[0] + 0.5 * ys_all[1]  # opposed to task 0: conflicting gradients
     rows = slice(rank * cfg.batch, (rank + 1) * cfg.batch)
     x, ys = x_all[rows].contiguous(), ys_all[:, rows].contiguous()
 
+    out = RankResult()
+    if cfg.memory_steps > 0:
+        _probe_memory(cfg, x, ys, out)
     variants = {k: _Variant(k, cfg, x, ys) for k in cfg.variants}
-    out = RankResult(num_params=next(iter(variants.values())).n)
+    out.num_params = next(iter(variants.values())).n
 
     # The first steps check that GradVac-DDP computes what the naive GradVac computes (same init,
     # same data, same orders): a benchmark of a wrong result would be worthless.
@@ -370,8 +422,9 @@ def _rank_main(rank: int, cfg: Config) -> RankResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def _worker(rank: int, cfg: Config, init_file: str, conn: Any) -> None:
+def _worker(rank: int, cfgs: list[Config], init_file: str, conn: Any) -> None:
     code = 1
+    cfg = cfgs[0]
     try:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo talks over 127.0.0.1 only
         torch.set_num_threads(1)
@@ -384,11 +437,11 @@ def _worker(rank: int, cfg: Config, init_file: str, conn: Any) -> None:
             init_method="file://" + init_file,
             rank=rank,
             world_size=cfg.world,
-            timeout=datetime.timedelta(seconds=cfg.timeout),
+            timeout=datetime.timedelta(seconds=max(c.timeout for c in cfgs)),
         )
         try:
-            result = _rank_main(rank, cfg)
-            conn.send_bytes(pickle.dumps(("ok", asdict(result))))
+            results = [asdict(_rank_main(rank, c)) for c in cfgs]
+            conn.send_bytes(pickle.dumps(("ok", results)))
             code = 0
         finally:
             dist.destroy_process_group()
@@ -405,23 +458,36 @@ def _worker(rank: int, cfg: Config, init_file: str, conn: Any) -> None:
 
 
 def _launch(cfg: Config) -> list[dict[str, Any]]:
+    """Every rank's result of one configuration."""
+    return _launch_many([cfg])[0]
+
+
+def _launch_many(cfgs: list[Config]) -> list[list[dict[str, Any]]]:
+    """Runs the configurations one after the other in one group of spawned ranks (one start-up for all).
+
+    They must share the world size; returns, per configuration, every rank's result.
+    """
+    if not cfgs or len({c.world for c in cfgs}) != 1:
+        raise ValueError("_launch_many needs at least one configuration, all with the same world size")
+    cfg = cfgs[0]
+    timeout = sum(c.timeout for c in cfgs)
     ctx = multiprocessing.get_context("spawn")
     tmp = tempfile.mkdtemp(prefix="gradvac_bench_ddp_")
     procs, conns = [], {}
     try:
         for rank in range(cfg.world):
             recv, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker, args=(rank, cfg, os.path.join(tmp, "rendezvous"), send), daemon=True)
+            proc = ctx.Process(target=_worker, args=(rank, cfgs, os.path.join(tmp, "rendezvous"), send), daemon=True)
             proc.start()
             send.close()
             procs.append(proc)
             conns[recv] = rank
         results: dict[int, Any] = {}
-        deadline = time.monotonic() + cfg.timeout
+        deadline = time.monotonic() + timeout
         while conns:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"benchmark ranks {sorted(conns.values())} did not finish in {cfg.timeout:g} s")
+                raise TimeoutError(f"benchmark ranks {sorted(conns.values())} did not finish in {timeout:g} s")
             for conn in multiprocessing.connection.wait(list(conns), timeout=left):
                 rank = conns.pop(conn)
                 try:
@@ -431,7 +497,7 @@ def _launch(cfg: Config) -> list[dict[str, Any]]:
                 if kind != "ok":
                     raise RuntimeError(f"benchmark rank {rank} failed:\n{value}")
                 results[rank] = value
-        return [results[r] for r in range(cfg.world)]
+        return [[results[r][i] for r in range(cfg.world)] for i in range(len(cfgs))]
     finally:
         for proc in procs:
             proc.join(timeout=5)
@@ -476,19 +542,98 @@ def formula_bytes(key: str, n: int, world: int, m: int = M, num_blocks: int = 1)
     }[key]
 
 
-def _report(cfg: Config, results: list[dict[str, Any]], elapsed: float) -> tuple[Report, bool]:
+@dataclass
+class Summary:
+    """The numbers of one configuration, per variant key (what reports and plots are made of).
+
+    Times are the median (min, max) over the timed steps of the slowest rank's step, in ms; bytes are
+    per rank per step; memory is the maximum over ranks (present when ``cfg.memory_steps > 0``).
+    """
+
+    world: int
+    m: int
+    n: int
+    steps: int
+    median_ms: dict[str, float]
+    min_ms: dict[str, float]
+    max_ms: dict[str, float]
+    paired: dict[str, float]  # median over rounds of the ratio to (a)'s step of the same round; {} without (a)
+    ring_bytes: dict[str, float]  # payload counters turned into ring-algorithm bytes
+    formula_bytes: dict[str, float]  # the README's cost formula
+    rank_bytes: dict[str, float]  # measured: bytes each rank's process wrote to its sockets, mean over ranks
+    lo_bytes: dict[str, float]  # measured: the loopback interface's tx counter / ranks (whole machine)
+    stash_bytes: dict[str, int]
+    scratch_bytes: dict[str, int]
+    rss_base: dict[str, float]
+    rss_peak: dict[str, float]
+    diff: dict[str, float]
+    corrections: dict[str, int]
+    num_buckets: int
+
+
+def summarize(cfg: Config, results: list[dict[str, Any]]) -> Summary:
+    """The numbers of one configuration from every rank's result."""
     world, r0 = cfg.world, results[0]
     n = r0["num_params"]
     keys = [k for k in VARIANTS if k in cfg.variants]
     # A step is over when the slowest rank is: per-step maximum over ranks, then the median.
     per_step = {k: [max(r["times"][k][i] for r in results) * 1e3 for i in range(cfg.steps)] for k in keys}
-    med = {k: statistics.median(v) for k, v in per_step.items()}
-    base = med.get("a")
     # Step i of every variant ran in the same round: the median of the per-step ratios is robust to drift.
-    paired = {k: statistics.median(t / a for t, a in zip(per_step[k], per_step["a"])) for k in keys} if base else {}
+    paired = (
+        {k: statistics.median(t / a for t, a in zip(per_step[k], per_step["a"])) for k in keys}
+        if "a" in per_step
+        else {}
+    )
+
+    def mean_over_ranks(name: str) -> dict[str, float]:
+        return {k: statistics.mean(r[name][k] for r in results) for k in keys if all(k in r[name] for r in results)}
+
+    def max_over_ranks(name: str) -> dict[str, Any]:
+        return {k: max(r[name][k] for r in results) for k in keys if all(k in r[name] for r in results)}
+
+    return Summary(
+        world=world,
+        m=cfg.m,
+        n=n,
+        steps=cfg.steps,
+        median_ms={k: statistics.median(v) for k, v in per_step.items()},
+        min_ms={k: min(v) for k, v in per_step.items()},
+        max_ms={k: max(v) for k, v in per_step.items()},
+        paired=paired,
+        ring_bytes={k: ring_bytes(r0["payload"][k], world) for k in keys},
+        formula_bytes={k: formula_bytes(k, n, world, cfg.m) for k in keys},
+        rank_bytes=mean_over_ranks("socket_tx"),
+        lo_bytes=dict(r0["lo_tx"]),
+        stash_bytes=max_over_ranks("stash_bytes"),
+        scratch_bytes=max_over_ranks("scratch_bytes"),
+        rss_base=max_over_ranks("rss_base"),
+        rss_peak=max_over_ranks("rss_peak"),
+        diff=dict(r0["diff"]),
+        corrections=dict(r0["corrections"]),
+        num_buckets=r0["num_buckets"],
+    )
+
+
+def run(cfgs: list[Config]) -> list[Summary]:
+    """Runs the configurations, one group of spawned gloo ranks per world size; summaries in their order."""
+    out: list[Summary | None] = [None] * len(cfgs)
+    for world in dict.fromkeys(c.world for c in cfgs):
+        indices = [i for i, c in enumerate(cfgs) if c.world == world]
+        for i, results in zip(indices, _launch_many([cfgs[i] for i in indices])):
+            out[i] = summarize(cfgs[i], results)
+    return [s for s in out if s is not None]
+
+
+def _report(cfg: Config, results: list[dict[str, Any]], elapsed: float) -> tuple[Report, bool]:
+    world, r0 = cfg.world, results[0]
+    n = r0["num_params"]
+    keys = [k for k in VARIANTS if k in cfg.variants]
+    summary = summarize(cfg, results)
+    med, paired = summary.median_ms, summary.paired
+    base = med.get("a")
     mb = 1e6
     table = Table(
-        f"GradVac-DDP vs DDP: {world} gloo ranks on 127.0.0.1, 1 thread each, m={M}, MLP {n / 1e6:.2f}M params, "
+        f"GradVac-DDP vs DDP: {world} gloo ranks on 127.0.0.1, 1 thread each, m={cfg.m}, MLP {n / 1e6:.2f}M params, "
         f"batch {cfg.batch}/rank, {cfg.steps} timed steps; bytes = MB sent per rank per step",
         [
             "variant",
@@ -509,11 +654,11 @@ def _report(cfg: Config, results: list[dict[str, Any]], elapsed: float) -> tuple
             [
                 LABELS[k],
                 f"{med[k]:.1f}",
-                f"{min(per_step[k]):.0f}..{max(per_step[k]):.0f}",
+                f"{summary.min_ms[k]:.0f}..{summary.max_ms[k]:.0f}",
                 f"{med[k] / base:.2f}x" if base else "-",
                 f"{paired[k]:.2f}x" if base else "-",
                 f"{ring_bytes(r0['payload'][k], world) / mb:.2f}",
-                f"{formula_bytes(k, n, world) / mb:.2f}",
+                f"{formula_bytes(k, n, world, cfg.m) / mb:.2f}",
                 "-" if lo is None else f"{lo / mb:.2f}",
                 f"{statistics.mean(written) / mb:.2f}" if written else "-",
             ]
