@@ -45,7 +45,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["main"]
+from ._timing import release_and_reset_peak, rss_bytes
+
+__all__ = ["Config", "Summary", "main", "run"]
 
 GOAL = 1.10
 VARIANTS = ("a", "b", "c", "d")
@@ -79,6 +81,7 @@ class Config:
     reshard_after_forward: bool = True
     device: str = "cpu"
     timeout: float = 900.0
+    timed: bool = True  # False: the memory probe only (no timed variants, no counts)
 
 
 @dataclass
@@ -91,6 +94,7 @@ class RankResult:
     element_size: int = 4
     peak_a: float = 0.0  # bytes: RSS peak (CPU) or CUDA max allocated, after (a)
     peak_d: float = 0.0  # the same after (d) on the same model
+    rss_base: float = 0.0  # CPU: resident set before the probe model is built (0 where unknown)
     memory_kind: str = "rss"
 
 
@@ -209,7 +213,8 @@ def _sync(device: torch.device) -> None:
 def _peak(device: torch.device) -> float:
     if device.type == "cuda":
         return float(torch.cuda.max_memory_allocated(device))
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0  # Linux: KiB
+    peak = rss_bytes(peak=True)  # VmHWM: reset by release_and_reset_peak, unlike ru_maxrss
+    return peak if peak is not None else float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0
 
 
 def _rank_main(rank: int, world: int, cfg: Config, device: torch.device) -> RankResult:
@@ -229,6 +234,9 @@ def _rank_main(rank: int, world: int, cfg: Config, device: torch.device) -> Rank
     # Memory first, on one fresh model: (a) steps, then GradVac registered on the same model.
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    else:  # earlier configurations of this process do not count
+        release_and_reset_peak()
+        out.rss_base = rss_bytes() or 0.0
     probe = _Variant("a", cfg, mesh, device, x, ys)
     for _ in range(3):
         probe.step()
@@ -246,6 +254,8 @@ def _rank_main(rank: int, world: int, cfg: Config, device: torch.device) -> Rank
     out.n = probe.n
     probe.handle.remove()
     del probe, plan
+    if not cfg.timed:
+        return out
 
     variants = {k: _Variant(k, cfg, mesh, device, x, ys) for k in VARIANTS}
     counter = _Counter()
@@ -289,8 +299,9 @@ def _init_threads(world: int) -> None:
         pass
 
 
-def _worker(rank: int, cfg: Config, init_file: str, conn: Any) -> None:
+def _worker(rank: int, cfgs: list[Config], init_file: str, conn: Any) -> None:
     code = 1
+    cfg = cfgs[0]
     try:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo talks over 127.0.0.1 only
         _init_threads(cfg.world)
@@ -299,11 +310,11 @@ def _worker(rank: int, cfg: Config, init_file: str, conn: Any) -> None:
             init_method="file://" + init_file,
             rank=rank,
             world_size=cfg.world,
-            timeout=datetime.timedelta(seconds=cfg.timeout),
+            timeout=datetime.timedelta(seconds=max(c.timeout for c in cfgs)),
         )
         try:
-            result = _rank_main(rank, cfg.world, cfg, torch.device("cpu"))
-            conn.send_bytes(pickle.dumps(("ok", asdict(result))))
+            results = [asdict(_rank_main(rank, c.world, c, torch.device("cpu"))) for c in cfgs]
+            conn.send_bytes(pickle.dumps(("ok", results)))
             code = 0
         finally:
             dist.destroy_process_group()
@@ -319,23 +330,36 @@ def _worker(rank: int, cfg: Config, init_file: str, conn: Any) -> None:
 
 
 def _spawn(cfg: Config) -> list[dict[str, Any]]:
+    """Every rank's result of one configuration."""
+    return _spawn_many([cfg])[0]
+
+
+def _spawn_many(cfgs: list[Config]) -> list[list[dict[str, Any]]]:
+    """Runs the configurations one after the other in one group of spawned ranks (one start-up for all).
+
+    They must share the world size; returns, per configuration, every rank's result.
+    """
+    if not cfgs or len({c.world for c in cfgs}) != 1:
+        raise ValueError("_spawn_many needs at least one configuration, all with the same world size")
+    cfg = cfgs[0]
+    timeout = sum(c.timeout for c in cfgs)
     ctx = multiprocessing.get_context("spawn")
     tmp = tempfile.mkdtemp(prefix="gradvac_bench_fsdp_")
     procs, conns = [], {}
     try:
         for rank in range(cfg.world):
             recv, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker, args=(rank, cfg, os.path.join(tmp, "rendezvous"), send), daemon=True)
+            proc = ctx.Process(target=_worker, args=(rank, cfgs, os.path.join(tmp, "rendezvous"), send), daemon=True)
             proc.start()
             send.close()
             procs.append(proc)
             conns[recv] = rank
         results: dict[int, Any] = {}
-        deadline = time.monotonic() + cfg.timeout
+        deadline = time.monotonic() + timeout
         while conns:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"benchmark ranks {sorted(conns.values())} did not finish in {cfg.timeout:g} s")
+                raise TimeoutError(f"benchmark ranks {sorted(conns.values())} did not finish in {timeout:g} s")
             for conn in multiprocessing.connection.wait(list(conns), timeout=left):
                 rank = conns.pop(conn)
                 try:
@@ -345,7 +369,7 @@ def _spawn(cfg: Config) -> list[dict[str, Any]]:
                 if kind != "ok":
                     raise RuntimeError(f"benchmark rank {rank} failed:\n{payload}")
                 results[rank] = payload
-        return [results[r] for r in range(cfg.world)]
+        return [[results[r][i] for r in range(cfg.world)] for i in range(len(cfgs))]
     finally:
         for proc in procs:
             if proc.is_alive():
@@ -384,6 +408,64 @@ def _under_torchrun(cfg: Config) -> list[dict[str, Any]] | None:
 def _median_ms(results: list[dict[str, Any]], key: str) -> tuple[float, float, float]:
     per_step = [max(r["times"][key][i] for r in results) for i in range(len(results[0]["times"][key]))]
     return 1e3 * statistics.median(per_step), 1e3 * min(per_step), 1e3 * max(per_step)
+
+
+@dataclass
+class Summary:
+    """The numbers of one configuration: times per variant key (median over the timed steps of the
+    slowest rank, ms; empty when ``cfg.timed`` is False) and memory per rank (maximum over ranks)."""
+
+    world: int
+    m: int
+    n: int
+    median_ms: dict[str, float]
+    ratio: float | None  # (d) / (a), medians
+    paired: float | None  # median over rounds of (d)'s step / (a)'s
+    calls: dict[str, dict[str, float]]  # rank 0, per step: collective -> count
+    stash_bytes: int
+    formula_bytes: float  # m * n / W elements
+    rss_base: float
+    peak_a: float
+    peak_d: float
+    memory_kind: str
+
+
+def summarize(cfg: Config, results: list[dict[str, Any]]) -> Summary:
+    """The numbers of one configuration from every rank's result."""
+    first, world = results[0], len(results)
+    med = {k: _median_ms(results, k)[0] for k in VARIANTS if first["times"].get(k)}
+    ratio = paired = None
+    if "a" in med and "d" in med:
+        ratio = med["d"] / med["a"]
+        paired = statistics.median(
+            max(r["times"]["d"][i] for r in results) / max(r["times"]["a"][i] for r in results)
+            for i in range(len(first["times"]["a"]))
+        )
+    return Summary(
+        world=world,
+        m=cfg.m,
+        n=first["n"],
+        median_ms=med,
+        ratio=ratio,
+        paired=paired,
+        calls=first["calls"],
+        stash_bytes=max(r["stash_bytes"] for r in results),
+        formula_bytes=cfg.m * first["n"] / world * first["element_size"],
+        rss_base=max(r["rss_base"] for r in results),
+        peak_a=max(r["peak_a"] for r in results),
+        peak_d=max(r["peak_d"] for r in results),
+        memory_kind=first["memory_kind"],
+    )
+
+
+def run(cfgs: list[Config]) -> list[Summary]:
+    """Runs the configurations on spawned gloo ranks, one group per world size; summaries in their order."""
+    out: list[Summary | None] = [None] * len(cfgs)
+    for world in dict.fromkeys(c.world for c in cfgs):
+        indices = [i for i, c in enumerate(cfgs) if c.world == world]
+        for i, results in zip(indices, _spawn_many([cfgs[i] for i in indices])):
+            out[i] = summarize(cfgs[i], results)
+    return [s for s in out if s is not None]
 
 
 def report(cfg: Config, results: list[dict[str, Any]], device: str) -> tuple[str, bool]:
