@@ -29,7 +29,19 @@ from .._blocks import combine, contiguous_segments, partial_gramians
 from .._step import draw_order, gradvac_step
 from ._timing import Report, Table, Timing, fmt_ms, fmt_ratio, machine_line, pass_fail, time_interleaved, time_ms
 
-__all__ = ["FULL_CASES", "QUICK_CASES", "Case", "CaseResult", "Goal", "PlainLoopGradVac", "run", "run_case"]
+__all__ = [
+    "FULL_CASES",
+    "QUICK_CASES",
+    "Case",
+    "CaseResult",
+    "Goal",
+    "PlainLoopGradVac",
+    "build_report",
+    "measure",
+    "run",
+    "run_case",
+    "timing_of",
+]
 
 SEED = 0
 
@@ -355,6 +367,22 @@ def build_report(results: Sequence[CaseResult], *, repeats: int, warmup: int, qu
     return Report(machine_line(), [timings, goals])
 
 
+def timing_of(quick: bool) -> tuple[int, int]:
+    """(repeats, warm-up rounds) of a run."""
+    return (3, 1) if quick else (7, 2)
+
+
+def measure(quick: bool = False, progress: Callable[[str], None] | None = None) -> list[CaseResult]:
+    """Times every case (:data:`QUICK_CASES` or :data:`FULL_CASES`); the numbers behind :func:`run`'s report."""
+    repeats, warmup = timing_of(quick)
+    results = []
+    for case in QUICK_CASES if quick else FULL_CASES:
+        if progress is not None:
+            progress(f"core: {case.label} ...")
+        results.append(run_case(case, repeats=repeats, warmup=warmup))
+    return results
+
+
 def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> Report:
     """Runs every case (:data:`QUICK_CASES` or :data:`FULL_CASES`) and returns the report.
 
@@ -362,11 +390,5 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> R
         quick: small sizes and fewer repeats, for a smoke test.
         progress: called with a line before each case (e.g. ``print`` to stderr), or ``None``.
     """
-    cases = QUICK_CASES if quick else FULL_CASES
-    repeats, warmup = (3, 1) if quick else (7, 2)
-    results = []
-    for case in cases:
-        if progress is not None:
-            progress(f"core: {case.label} ...")
-        results.append(run_case(case, repeats=repeats, warmup=warmup))
-    return build_report(results, repeats=repeats, warmup=warmup, quick=quick)
+    repeats, warmup = timing_of(quick)
+    return build_report(measure(quick, progress), repeats=repeats, warmup=warmup, quick=quick)
