@@ -2,6 +2,9 @@
 
 - ``core``: the single-process aggregator against a plain per-pair loop, plain summation and
   TorchJD, with the project's performance goals (:mod:`gradvac_dist.bench.core`).
+- ``ddp``, ``fsdp``: GradVac-DDP and GradVac-FSDP against their baselines on spawned gloo ranks.
+- ``report``: all of them plus sweeps over m, n and W, as markdown and PNG plots
+  (:mod:`gradvac_dist.bench.report`).
 
 Shared timing and table helpers live in :mod:`gradvac_dist.bench._timing`.
 """

@@ -3,8 +3,10 @@
     python -m gradvac_dist.bench core [--quick] [--threads N] [--markdown PATH]
     python -m gradvac_dist.bench ddp  [--quick] [--markdown PATH] ...   (2 gloo ranks)
     python -m gradvac_dist.bench fsdp [--quick] ...                      (2 gloo ranks)
+    python -m gradvac_dist.bench report [--quick] [--out DIR]            (all of them + sweeps)
 
-Each prints medians side by side from one run, their ratios, and PASS/FAIL against its goals.
+Each prints medians side by side from one run, their ratios, and PASS/FAIL against its goals;
+``report`` runs every benchmark and sweeps over m, n and W, and writes DIR/report.md and PNG plots.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import ddp, fsdp
 
         return {"ddp": ddp.main, "fsdp": fsdp.main}[args[0]](args[1:])
+    if args and args[0] == "report":
+        from . import report
+
+        return report.main(args[1:])
     return _core_main(args)
 
 
@@ -37,7 +43,7 @@ def _core_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gradvac_dist.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="benchmark", required=True, help="core, ddp or fsdp")
+    sub = parser.add_subparsers(dest="benchmark", required=True, help="core, ddp, fsdp or report")
     core_parser = sub.add_parser("core", help="single-process GradVac vs plain loop, summation and TorchJD")
     core_parser.add_argument("--quick", action="store_true", help="small sizes (a few seconds), for smoke tests")
     core_parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the report as markdown")

@@ -1,0 +1,518 @@
+"""The benchmark report: every benchmark (core, DDP, FSDP) and sweeps over m, n and W, in one command.
+
+    python -m gradvac_dist.bench report [--quick] [--out DIR]      (default DIR: runs/bench)
+
+Writes ``DIR/report.md`` (the machine, the command, markdown tables), ``DIR/results.json`` (every
+number behind it) and PNG plots next to them:
+
+- ``ddp_time.png``: time per step of GradVac-DDP (replicated, sharded) and the DDP issue's baselines
+  ((a) m-pass DDP without GradVac, (b) plain DDP on the summed loss, (c) naive all-gather GradVac)
+  against the number of tasks m, parameters n and world size W, and each one's ratio to (a);
+- ``ddp_bytes.png``: bytes each rank sends per step, counted and measured, against m, n and W;
+- ``memory.png``: GradVac's per-rank stash (DDP replicated and sharded, FSDP) against the formulas
+  ``m n`` and ``m n / W``, and the peak resident set each variant adds;
+- ``core.png``: the single-process core benchmark; ``fsdp.png``: the FSDP2 benchmark.
+
+Runs reuse the benchmarks' own functions (:func:`gradvac_dist.bench.core.run`,
+:func:`gradvac_dist.bench.ddp.run`, :func:`gradvac_dist.bench.fsdp.run`): one group of spawned
+gloo ranks per world size runs all of that size's configurations one after the other. The full
+run takes about ten minutes on 2 cores; ``--quick`` (small sizes, few steps) under a minute, for
+smoke tests: its numbers say nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from . import core, ddp, fsdp
+from ._timing import Table, machine_line
+
+__all__ = ["Plan", "Results", "collect", "main", "plan", "write_report"]
+
+MB = 1e6
+DDP_KEYS = ddp.VARIANTS  # a..e
+DDP_SHORT = {
+    "a": "(a) m-pass DDP",
+    "b": "(b) DDP summed loss",
+    "c": "(c) naive all-gather GradVac",
+    "d": "(d) GradVac-DDP replicated",
+    "e": "(e) GradVac-DDP sharded",
+}
+
+
+@dataclass(frozen=True)
+class Size:
+    """An MLP of :class:`gradvac_dist.bench.ddp.MultiTaskMLP` (n depends a little on m: one head per task)."""
+
+    in_dim: int
+    hidden: int
+    head_hidden: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one report runs.
+
+    Attributes:
+        quick: smoke sizes.
+        center: the DDP configuration every sweep passes through (m=3, the largest model, W=2),
+            run with the DDP benchmark's own step counts: the headline table.
+        sweep: the settings of the other DDP points (fewer steps).
+        ms, sizes, worlds: the sweeps (each varies one of m, n, W around the center).
+        fsdp_main: the timed FSDP2 configuration; fsdp_ms, fsdp_worlds: its memory-only sweeps.
+    """
+
+    quick: bool
+    center: ddp.Config
+    sweep: ddp.Config
+    ms: tuple[int, ...]
+    sizes: tuple[Size, ...]
+    worlds: tuple[int, ...]
+    fsdp_main: fsdp.Config
+    fsdp_ms: tuple[int, ...]
+    fsdp_worlds: tuple[int, ...]
+
+    def ddp_configs(self) -> list[tuple[str, ddp.Config]]:
+        """(sweep name, configuration): the center first, then each sweep's other points."""
+        big = self.sizes[-1]
+        out = [("center", self.center)]
+        out += [("m", replace(self.sweep, m=m)) for m in self.ms if m != self.center.m]
+        out += [
+            ("n", replace(self.sweep, in_dim=s.in_dim, hidden=s.hidden, head_hidden=s.head_hidden))
+            for s in self.sizes
+            if s != big
+        ]
+        out += [("W", replace(self.sweep, world=w)) for w in self.worlds if w != self.center.world]
+        return out
+
+    def fsdp_configs(self) -> list[tuple[str, fsdp.Config]]:
+        """(sweep name, configuration): the timed one first, then memory-only points."""
+        main = self.fsdp_main
+        out = [("center", main)]
+        out += [("m", replace(main, m=m, timed=False)) for m in self.fsdp_ms if m != main.m]
+        out += [("W", replace(main, world=w, timed=False)) for w in self.fsdp_worlds if w != main.world]
+        return out
+
+
+def plan(quick: bool = False) -> Plan:
+    """The full report (about ten minutes on 2 cores) or the ``--quick`` smoke run (under a minute)."""
+    if quick:
+        sizes = (Size(64, 128, 32), Size(128, 256, 64))
+        big = sizes[-1]
+        center = ddp.Config(
+            in_dim=big.in_dim,
+            hidden=big.hidden,
+            head_hidden=big.head_hidden,
+            check_steps=1,
+            warmup=1,
+            steps=4,
+            traffic_steps=1,
+            memory_steps=1,
+        )
+        fsdp_main = fsdp.Config(hidden=128, depth=2, batch=16, steps=4, warmup=1)
+        return Plan(True, center, center, (2, 3), sizes, (1, 2), fsdp_main, (2, 3), (2,))
+    sizes = (Size(256, 320, 96), Size(512, 576, 192), Size(512, 1024, 192))  # 0.34M, 1.22M, 2.40M at m=3
+    center = ddp.Config(memory_steps=2)  # the DDP benchmark's defaults: m=3, 2.40M parameters, W=2, 20 steps
+    sweep = replace(center, check_steps=1, warmup=1, steps=16, traffic_steps=2)
+    return Plan(False, center, sweep, (2, 3, 4, 6), sizes, (1, 2, 3), fsdp.Config(), (2, 3, 4, 6), (1, 2, 3))
+
+
+@dataclass
+class Results:
+    """Everything a report is written from."""
+
+    plan: Plan
+    machine: str  # the machine line, taken while the core benchmark's threads are set
+    load_before: str
+    load_after: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each part
+    core: list[core.CaseResult] = field(default_factory=list)
+    ddp_center_table: Table | None = None
+    ddp: list[tuple[str, ddp.Summary]] = field(default_factory=list)
+    fsdp: list[tuple[str, fsdp.Summary]] = field(default_factory=list)
+    fsdp_text: str = ""
+    threads: int = 1
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def _run_ddp(p: Plan) -> tuple[list[tuple[str, ddp.Summary]], Table]:
+    """The DDP configurations, one spawned group per world size; the center's table as the DDP benchmark prints it."""
+    configs = p.ddp_configs()
+    summaries: list[ddp.Summary | None] = [None] * len(configs)
+    table = None
+    for world in dict.fromkeys(c.world for _, c in configs):
+        indices = [i for i, (_, c) in enumerate(configs) if c.world == world]
+        start = time.perf_counter()
+        raw = ddp._launch_many([configs[i][1] for i in indices])
+        elapsed = time.perf_counter() - start
+        for i, results in zip(indices, raw):
+            summaries[i] = ddp.summarize(configs[i][1], results)
+            if i == 0:
+                report, _ = ddp._report(configs[0][1], results, elapsed)
+                table = report.tables[0]
+                table.notes[-1] = f"wall time of the {len(indices)} configurations with W={world}: {elapsed:.1f} s"
+    assert table is not None
+    return [(name, s) for (name, _), s in zip(configs, summaries) if s is not None], table
+
+
+def _run_fsdp(p: Plan) -> tuple[list[tuple[str, fsdp.Summary]], str]:
+    configs = p.fsdp_configs()
+    summaries: list[fsdp.Summary | None] = [None] * len(configs)
+    text = ""
+    for world in dict.fromkeys(c.world for _, c in configs):
+        indices = [i for i, (_, c) in enumerate(configs) if c.world == world]
+        for i, results in zip(indices, fsdp._spawn_many([configs[i][1] for i in indices])):
+            summaries[i] = fsdp.summarize(configs[i][1], results)
+            if i == 0:
+                text, _ = fsdp.report(configs[0][1], results, "cpu/gloo")
+    return [(name, s) for (name, _), s in zip(configs, summaries) if s is not None], text
+
+
+def collect(quick: bool = False, progress: Callable[[str], None] | None = None, threads: int = 1) -> Results:
+    """Runs every benchmark of the plan; returns the numbers.
+
+    Args:
+        quick: smoke sizes.
+        progress: called with a line before each part, or None.
+        threads: torch intra-op threads of the core benchmark (in this process; the spawned DDP
+            ranks use 1 each, the FSDP ranks cores / W).
+    """
+    say = progress or (lambda _line: None)
+    p = plan(quick)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        res = Results(p, machine_line(), _load(), threads=threads)
+        start = time.perf_counter()
+        say(f"report: core benchmark, {threads} thread(s) ...")
+        res.core = core.measure(quick=quick, progress=say)
+        res.seconds["core"] = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(saved)
+    start = time.perf_counter()
+    say(f"report: DDP, {len(p.ddp_configs())} configurations (m, n, W sweeps), one spawned group per W ...")
+    res.ddp, res.ddp_center_table = _run_ddp(p)
+    res.seconds["ddp"] = time.perf_counter() - start
+    start = time.perf_counter()
+    say(f"report: FSDP2, {len(p.fsdp_configs())} configurations (1 timed, memory sweeps) ...")
+    res.fsdp, res.fsdp_text = _run_fsdp(p)
+    res.seconds["fsdp"] = time.perf_counter() - start
+    res.load_after = _load()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------
+
+
+def _mb(nbytes: float | None) -> str:
+    if nbytes is None:
+        return "-"
+    value = nbytes / MB
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _n(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n / 1e3:.0f}k"
+
+
+def sweep_rows(results: Results, sweep: str) -> list[ddp.Summary]:
+    """The DDP points of one sweep ("m", "n" or "W"), the center included, sorted by the swept quantity."""
+    rows = [s for name, s in results.ddp if name in (sweep, "center")]
+    key: dict[str, Callable[[ddp.Summary], float]] = {"m": lambda s: s.m, "n": lambda s: s.n, "W": lambda s: s.world}
+    return sorted(rows, key=key[sweep])
+
+
+def _time_table(results: Results) -> Table:
+    table = Table(
+        "DDP sweeps: time per step, ms (median over the timed steps of the slowest rank), and ratio to (a)",
+        ["sweep", "m", "n", "W", *(DDP_SHORT[k] for k in DDP_KEYS), "(d)/(a)", "(e)/(a)", "(c)/(a)"],
+    )
+    for sweep in ("m", "n", "W"):
+        for s in sweep_rows(results, sweep):
+            table.add_row(
+                [
+                    sweep,
+                    str(s.m),
+                    _n(s.n),
+                    str(s.world),
+                    *(_ms(s.median_ms.get(k)) for k in DDP_KEYS),
+                    *(_x(s.paired.get(k)) for k in ("d", "e", "c")),
+                ]
+            )
+    table.notes += [
+        "ratios are paired: the median over rounds of the step time divided by (a)'s step of the same round "
+        f"(the center row: {results.plan.center.steps} timed steps per variant; other rows: "
+        f"{results.plan.sweep.steps}); DDP goal: GradVac-DDP <= {ddp.GOAL}x (a)",
+        "each row is one run; the center (m=3, largest n, W=2) appears in every sweep",
+    ]
+    return table
+
+
+def _bytes_table(results: Results) -> Table:
+    table = Table(
+        "DDP sweeps: MB sent per rank per step, counted (payload of every collective turned into ring-algorithm "
+        "bytes, = the README's formula) / measured (bytes each rank's process wrote to its sockets)",
+        ["sweep", "m", "n", "W", *(DDP_SHORT[k] for k in DDP_KEYS)],
+    )
+    for sweep in ("m", "n", "W"):
+        for s in sweep_rows(results, sweep):
+            cells = []
+            for k in DDP_KEYS:
+                counted, measured = s.ring_bytes.get(k), s.rank_bytes.get(k)
+                cells.append(f"{_mb(counted)} / {_mb(measured)}")
+            table.add_row([sweep, str(s.m), _n(s.n), str(s.world), *cells])
+    diffs = [v for _, s in results.ddp for v in s.diff.values()]
+    corrections = sum(v for _, s in results.ddp for v in s.corrections.values())
+    table.notes += [
+        "counted == the README's formula in every cell (up to (e)'s shard padding; checked by "
+        "tests/distributed/test_bench_ddp.py); measured adds gloo's own headers and whatever its algorithms send "
+        "beyond a ring",
+        "W=1 sends nothing (every collective is local)",
+    ]
+    if diffs:
+        table.notes.append(
+            f"correctness, every configuration: GradVac-DDP's .grad vs the naive GradVac's on the first steps, "
+            f"max rel diff {max(diffs):.1e} (float32), {corrections} GradVac corrections applied in those steps"
+        )
+    return table
+
+
+def _memory_table(results: Results) -> Table:
+    table = Table(
+        "Memory per rank, DDP: GradVac's stash vs the formulas, and the peak resident set each variant adds (MB)",
+        [
+            "m",
+            "n",
+            "W",
+            "stash (d) replicated",
+            "m*n",
+            "stash (e) sharded",
+            "m*n/W",
+            "(e) / (m*n/W)",
+            "(e) all-gather scratch",
+            "naive buffers (c)",
+            *(f"RSS +{k}" for k in DDP_KEYS),
+        ],
+    )
+    seen = set()
+    for _, s in results.ddp:
+        if (s.m, s.n, s.world) in seen or not s.stash_bytes:
+            continue
+        seen.add((s.m, s.n, s.world))
+        formula = 4 * s.m * s.n  # float32
+        table.add_row(
+            [
+                str(s.m),
+                _n(s.n),
+                str(s.world),
+                _mb(s.stash_bytes.get("d")),
+                _mb(formula),
+                _mb(s.stash_bytes.get("e")),
+                _mb(formula / s.world),
+                f"{s.stash_bytes['e'] / (formula / s.world):.3f}" if "e" in s.stash_bytes else "-",
+                _mb(s.scratch_bytes.get("e")),
+                _mb(s.stash_bytes.get("c")),
+                *(_mb(s.rss_peak[k] - s.rss_base[k]) if k in s.rss_peak and k in s.rss_base else "-" for k in DDP_KEYS),
+            ]
+        )
+    steps = results.plan.center.memory_steps
+    table.notes += [
+        "stash = the per-task gradients GradVac keeps (float32); naive buffers (c) = the gathered [W, m, n] plus the "
+        "local [m, n]; the sharded strategy also keeps a bucket-sized all-gather buffer (n/W per rank, padded, x W)",
+        f"RSS +x = peak resident set (VmHWM) while variant x alone is built and stepped {steps} time(s), minus the "
+        "resident set just before it (probed lightest first, peak reset and malloc trimmed between variants; "
+        "includes the model, .grad, DDP's buckets); maximum over ranks",
+    ]
+    return table
+
+
+def _fsdp_memory_table(results: Results) -> Table:
+    table = Table(
+        "Memory per rank, FSDP2: GradVac-FSDP's stash vs m*n/W, and peak RSS without / with GradVac (MB)",
+        ["m", "n", "W", "stash", "m*n/W", "stash / (m*n/W)", "peak RSS (a)", "peak RSS (d)", "(d) - (a)"],
+    )
+    for _, s in sorted(results.fsdp, key=lambda item: (item[1].world, item[1].m)):
+        table.add_row(
+            [
+                str(s.m),
+                _n(s.n),
+                str(s.world),
+                _mb(s.stash_bytes),
+                _mb(s.formula_bytes),
+                f"{s.stash_bytes / s.formula_bytes:.3f}",
+                _mb(s.peak_a),
+                _mb(s.peak_d),
+                _mb(s.peak_d - s.peak_a),
+            ]
+        )
+    table.notes.append(
+        "stash = m x this rank's padded shard; peak RSS (a): after 3 steps of m-pass FSDP on a fresh model, "
+        "(d): after 3 more with GradVac registered on it (the same process; peak reset at the start of each "
+        "configuration); maximum over ranks"
+    )
+    return table
+
+
+def _fsdp_table(results: Results) -> Table:
+    main = next(s for name, s in results.fsdp if name == "center")
+    table = Table(
+        f"FSDP2 (fully_shard per block and root), {main.world} gloo ranks, m={main.m}, n={_n(main.n)}: time per step",
+        ["variant", "median ms", "vs (a)", "all-gathers", "reduce-scatters", "all-reduces"],
+    )
+    base = main.median_ms["a"]
+    for k, label in fsdp.LABELS.items():
+        calls = main.calls.get(k, {})
+        table.add_row(
+            [
+                label,
+                _ms(main.median_ms[k]),
+                _x(main.median_ms[k] / base),
+                f"{sum(v for c, v in calls.items() if c.startswith('all_gather')):g}",
+                f"{sum(v for c, v in calls.items() if c.startswith('reduce_scatter')):g}",
+                f"{calls.get('all_reduce', 0):g}",
+            ]
+        )
+    verdict = "PASS" if main.ratio is not None and main.ratio <= fsdp.GOAL else "FAIL"
+    table.notes.append(
+        f"{verdict}: GradVac-FSDP / m-pass FSDP = {_x(main.ratio)} (paired {_x(main.paired)}), goal <= {fsdp.GOAL}x; "
+        f"collectives counted per step on rank 0"
+    )
+    return table
+
+
+def _command(p: Plan, out: Path, threads: int) -> str:
+    return (
+        f"python -m gradvac_dist.bench report{' --quick' if p.quick else ''}"
+        f"{f' --threads {threads}' if threads != 1 else ''} --out {out}"
+    )
+
+
+def write_markdown(results: Results, out: Path, plots: Sequence[tuple[str, str]], plot_note: str = "") -> Path:
+    """Writes ``out/report.md``; ``plots``: (file name, caption) of the PNGs written next to it."""
+    p = results.plan
+    total = sum(results.seconds.values())
+    worlds = sorted({s.world for _, s in results.ddp} | {s.world for _, s in results.fsdp})
+    cores = os.cpu_count() or 0
+    lines = [
+        "# gradvac_dist benchmark report" + (" (--quick: smoke sizes, the numbers say nothing)" if p.quick else ""),
+        "",
+        f"- Machine: `{results.machine}`",
+        f"- Backend: gloo over 127.0.0.1 (CPU, torch {torch.__version__}); the core benchmark runs in one process "
+        "with the intra-op threads of the machine line, DDP ranks with 1 thread each, FSDP ranks with "
+        f"max(1, cores / W). Load average (1, 5, 15 min) at the start {results.load_before}, "
+        f"at the end {results.load_after}: the machine is shared, so every time is a median and ratios are paired.",
+        f"- World sizes W = {', '.join(map(str, worlds))}: all ranks are processes on these {cores} cores, so W > "
+        f"{cores} oversubscribes them (times there measure CPU contention as much as communication) and W=1 "
+        "communicates nothing. Bytes and memory do not depend on the load.",
+        f"- Reproduce: `{_command(p, out, results.threads)}` (wall time {total:.0f} s: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in results.seconds.items())
+        + ").",
+        "",
+        "## GradVac-DDP vs DDP (the center configuration of every sweep)",
+        "",
+    ]
+    assert results.ddp_center_table is not None
+    lines += [results.ddp_center_table.to_markdown(), ""]
+    for name, caption in plots[:2]:
+        lines += [f"![{caption}]({name})", ""]
+    lines += ["## Sweeps over m, n and W", "", _time_table(results).to_markdown(), ""]
+    lines += [_bytes_table(results).to_markdown(), ""]
+    lines += ["## Memory per rank", "", _memory_table(results).to_markdown(), ""]
+    lines += [_fsdp_memory_table(results).to_markdown(), ""]
+    for name, caption in plots[2:3]:
+        lines += [f"![{caption}]({name})", ""]
+    lines += ["## FSDP2", "", _fsdp_table(results).to_markdown(), ""]
+    lines += ["```text", results.fsdp_text, "```", ""]
+    for name, caption in plots[3:4]:
+        lines += [f"![{caption}]({name})", ""]
+    lines += ["## Core (single process)", ""]
+    repeats, warmup = core.timing_of(p.quick)
+    core_report = core.build_report(results.core, repeats=repeats, warmup=warmup, quick=p.quick)
+    lines += [t.to_markdown() + "\n" for t in core_report.tables]
+    for name, caption in plots[4:]:
+        lines += [f"![{caption}]({name})", ""]
+    if plot_note:
+        lines += [plot_note, ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def write_report(results: Results, out: Path) -> list[Path]:
+    """Writes the PNG plots and ``report.md`` into ``out``; returns the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    plots: list[tuple[str, str]] = []
+    note = ""
+    try:
+        from . import _plots
+    except ImportError as exc:  # matplotlib is an optional dependency (the demo extra)
+        note = f"(no plots: {exc}; install matplotlib, e.g. `pip install -e .[demo]`)"
+    else:
+        for name, caption, draw in _plots.FIGURES:
+            path = out / name
+            draw(results, path)
+            written.append(path)
+            plots.append((name, caption))
+    written.append(write_markdown(results, out, plots, note))
+    data = out / "results.json"
+    data.write_text(json.dumps(asdict(results), indent=1, default=str) + "\n")
+    written.append(data)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m gradvac_dist.bench report``: runs everything, writes the report; returns 0."""
+    ap = argparse.ArgumentParser(
+        prog="python -m gradvac_dist.bench report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--quick", action="store_true", help="smoke sizes, under a minute; the numbers say nothing")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder (default runs/bench)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="torch intra-op threads of the core benchmark (default 1: steadier on a shared machine)",
+    )
+    args = ap.parse_args(list(argv) if argv is not None else None)
+    if args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
+    start = time.perf_counter()
+
+    def progress(line: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f} s] {line}", file=sys.stderr, flush=True)
+
+    results = collect(quick=args.quick, progress=progress, threads=args.threads)
+    progress("report: writing plots and report.md ...")
+    paths = write_report(results, args.out)
+    for path in paths:
+        print(path)
+    progress(f"report: done in {time.perf_counter() - start:.0f} s")
+    return 0
