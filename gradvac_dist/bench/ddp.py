@@ -29,17 +29,10 @@ to its sockets (``wchar`` of ``/proc/self/io``), which counts that rank alone.
 from __future__ import annotations
 
 import argparse
-import datetime
-import multiprocessing
-import multiprocessing.connection
 import os
-import pickle
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -50,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import GradVacState, gradvac_hook
 from .. import backward as gradvac_backward
+from ._spawn import spawn_configs
 from ._timing import Report, Table, machine_line, pass_fail, release_and_reset_peak, rss_bytes
 from .core import PlainLoopGradVac
 
@@ -422,39 +416,8 @@ def _rank_main(rank: int, cfg: Config) -> RankResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def _worker(rank: int, cfgs: list[Config], init_file: str, conn: Any) -> None:
-    code = 1
-    cfg = cfgs[0]
-    try:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo talks over 127.0.0.1 only
-        torch.set_num_threads(1)
-        try:
-            torch.set_num_interop_threads(1)
-        except RuntimeError:
-            pass
-        dist.init_process_group(
-            "gloo",
-            init_method="file://" + init_file,
-            rank=rank,
-            world_size=cfg.world,
-            timeout=datetime.timedelta(seconds=max(c.timeout for c in cfgs)),
-        )
-        try:
-            results = [asdict(_rank_main(rank, c)) for c in cfgs]
-            conn.send_bytes(pickle.dumps(("ok", results)))
-            code = 0
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        try:
-            conn.send_bytes(pickle.dumps(("err", traceback.format_exc())))
-        except BaseException:
-            pass
-    finally:
-        # A normal interpreter exit after destroy_process_group() sometimes aborts (see the facts file).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+def _rank_result(rank: int, cfg: Config) -> dict[str, Any]:
+    return asdict(_rank_main(rank, cfg))
 
 
 def _launch(cfg: Config) -> list[dict[str, Any]]:
@@ -469,42 +432,8 @@ def _launch_many(cfgs: list[Config]) -> list[list[dict[str, Any]]]:
     """
     if not cfgs or len({c.world for c in cfgs}) != 1:
         raise ValueError("_launch_many needs at least one configuration, all with the same world size")
-    cfg = cfgs[0]
     timeout = sum(c.timeout for c in cfgs)
-    ctx = multiprocessing.get_context("spawn")
-    tmp = tempfile.mkdtemp(prefix="gradvac_bench_ddp_")
-    procs, conns = [], {}
-    try:
-        for rank in range(cfg.world):
-            recv, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker, args=(rank, cfgs, os.path.join(tmp, "rendezvous"), send), daemon=True)
-            proc.start()
-            send.close()
-            procs.append(proc)
-            conns[recv] = rank
-        results: dict[int, Any] = {}
-        deadline = time.monotonic() + timeout
-        while conns:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"benchmark ranks {sorted(conns.values())} did not finish in {timeout:g} s")
-            for conn in multiprocessing.connection.wait(list(conns), timeout=left):
-                rank = conns.pop(conn)
-                try:
-                    kind, value = pickle.loads(conn.recv_bytes())
-                except EOFError:
-                    kind, value = "err", f"rank {rank} died without a result (exit code {procs[rank].exitcode})"
-                if kind != "ok":
-                    raise RuntimeError(f"benchmark rank {rank} failed:\n{value}")
-                results[rank] = value
-        return [[results[r][i] for r in range(cfg.world)] for i in range(len(cfgs))]
-    finally:
-        for proc in procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=5)
-        shutil.rmtree(tmp, ignore_errors=True)
+    return spawn_configs(_rank_result, cfgs, cfgs[0].world, timeout=timeout, threads=1, prefix="gradvac_bench_ddp_")
 
 
 # ---------------------------------------------------------------------------------------------

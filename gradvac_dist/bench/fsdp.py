@@ -27,17 +27,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import multiprocessing
-import multiprocessing.connection
 import os
-import pickle
 import resource
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -45,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._spawn import spawn_configs
 from ._timing import release_and_reset_peak, rss_bytes
 
 __all__ = ["Config", "Summary", "main", "run"]
@@ -299,34 +294,8 @@ def _init_threads(world: int) -> None:
         pass
 
 
-def _worker(rank: int, cfgs: list[Config], init_file: str, conn: Any) -> None:
-    code = 1
-    cfg = cfgs[0]
-    try:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo talks over 127.0.0.1 only
-        _init_threads(cfg.world)
-        dist.init_process_group(
-            "gloo",
-            init_method="file://" + init_file,
-            rank=rank,
-            world_size=cfg.world,
-            timeout=datetime.timedelta(seconds=max(c.timeout for c in cfgs)),
-        )
-        try:
-            results = [asdict(_rank_main(rank, c.world, c, torch.device("cpu"))) for c in cfgs]
-            conn.send_bytes(pickle.dumps(("ok", results)))
-            code = 0
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        try:
-            conn.send_bytes(pickle.dumps(("err", traceback.format_exc())))
-        except BaseException:
-            pass
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)  # a normal exit after destroy_process_group() sometimes aborts (facts file)
+def _rank_result(rank: int, cfg: Config) -> dict[str, Any]:
+    return asdict(_rank_main(rank, cfg.world, cfg, torch.device("cpu")))
 
 
 def _spawn(cfg: Config) -> list[dict[str, Any]]:
@@ -341,41 +310,10 @@ def _spawn_many(cfgs: list[Config]) -> list[list[dict[str, Any]]]:
     """
     if not cfgs or len({c.world for c in cfgs}) != 1:
         raise ValueError("_spawn_many needs at least one configuration, all with the same world size")
-    cfg = cfgs[0]
+    world = cfgs[0].world
+    threads = max(1, (os.cpu_count() or 1) // world)
     timeout = sum(c.timeout for c in cfgs)
-    ctx = multiprocessing.get_context("spawn")
-    tmp = tempfile.mkdtemp(prefix="gradvac_bench_fsdp_")
-    procs, conns = [], {}
-    try:
-        for rank in range(cfg.world):
-            recv, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker, args=(rank, cfgs, os.path.join(tmp, "rendezvous"), send), daemon=True)
-            proc.start()
-            send.close()
-            procs.append(proc)
-            conns[recv] = rank
-        results: dict[int, Any] = {}
-        deadline = time.monotonic() + timeout
-        while conns:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"benchmark ranks {sorted(conns.values())} did not finish in {timeout:g} s")
-            for conn in multiprocessing.connection.wait(list(conns), timeout=left):
-                rank = conns.pop(conn)
-                try:
-                    kind, payload = pickle.loads(conn.recv_bytes())
-                except EOFError:
-                    kind, payload = "err", f"rank {rank} died without a result"
-                if kind != "ok":
-                    raise RuntimeError(f"benchmark rank {rank} failed:\n{payload}")
-                results[rank] = payload
-        return [[results[r][i] for r in range(cfg.world)] for i in range(len(cfgs))]
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-            proc.join(timeout=5)
-        shutil.rmtree(tmp, ignore_errors=True)
+    return spawn_configs(_rank_result, cfgs, world, timeout=timeout, threads=threads, prefix="gradvac_bench_fsdp_")
 
 
 def _under_torchrun(cfg: Config) -> list[dict[str, Any]] | None:

@@ -1,0 +1,116 @@
+"""Spawned gloo ranks for the distributed benchmarks: file rendezvous (no port), loopback only,
+``os._exit`` at the end of each rank, a deadline for the whole group."""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["spawn_configs"]
+
+
+def _worker(
+    rank: int,
+    world: int,
+    rank_fn: Callable[[int, Any], Any],
+    cfgs: Sequence[Any],
+    threads: int,
+    timeout: float,
+    init_file: str,
+    conn: Any,
+) -> None:
+    code = 1
+    try:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo talks over 127.0.0.1 only
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:
+            pass
+        dist.init_process_group(
+            "gloo",
+            init_method="file://" + init_file,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
+        try:
+            results = [rank_fn(rank, cfg) for cfg in cfgs]
+            conn.send_bytes(pickle.dumps(("ok", results)))
+            code = 0
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        try:
+            conn.send_bytes(pickle.dumps(("err", traceback.format_exc())))
+        except BaseException:
+            pass
+    finally:
+        # A normal interpreter exit after destroy_process_group() sometimes aborts (see the facts file).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def spawn_configs(
+    rank_fn: Callable[[int, Any], Any],
+    cfgs: Sequence[Any],
+    world: int,
+    *,
+    timeout: float,
+    threads: int = 1,
+    prefix: str = "gradvac_bench_",
+) -> list[list[Any]]:
+    """Runs ``rank_fn(rank, cfg)`` for each configuration, one after the other, in ONE group of
+    ``world`` spawned gloo ranks (one start-up for all); returns, per configuration, every rank's
+    result. ``rank_fn`` must be a module-level function; a failing or silent rank raises."""
+    if not cfgs:
+        raise ValueError("spawn_configs needs at least one configuration")
+    ctx = multiprocessing.get_context("spawn")
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    procs, conns = [], {}
+    try:
+        for rank in range(world):
+            recv, send = ctx.Pipe(duplex=False)
+            args = (rank, world, rank_fn, list(cfgs), threads, timeout, os.path.join(tmp, "rendezvous"), send)
+            proc = ctx.Process(target=_worker, args=args, daemon=True)
+            proc.start()
+            send.close()
+            procs.append(proc)
+            conns[recv] = rank
+        results: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout
+        while conns:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"benchmark ranks {sorted(conns.values())} did not finish in {timeout:g} s")
+            for conn in multiprocessing.connection.wait(list(conns), timeout=left):
+                rank = conns.pop(conn)
+                try:
+                    kind, value = pickle.loads(conn.recv_bytes())
+                except EOFError:
+                    kind, value = "err", f"rank {rank} died without a result (exit code {procs[rank].exitcode})"
+                if kind != "ok":
+                    raise RuntimeError(f"benchmark rank {rank} failed:\n{value}")
+                results[rank] = value
+        return [[results[r][i] for r in range(world)] for i in range(len(cfgs))]
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+        shutil.rmtree(tmp, ignore_errors=True)
