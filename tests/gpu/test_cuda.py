@@ -58,3 +58,42 @@ def test_backward_plain_module_on_cuda():
     out = model(torch.randn(64, 8, device="cuda"))
     gradvac_dist.backward(model, [out[:, i].pow(2).mean() for i in range(3)], GradVac(), grouping="module")
     assert all(p.grad is not None and p.grad.is_cuda for p in model.parameters())
+
+
+def test_grad_scaler_on_cuda_with_fp16_autocast_matches_unscaled():
+    """CUDA GradScaler + fp16 autocast: GradVac's result equals the unscaled computation, and a
+    step the scaler skips (inf gradients) leaves the GradVac state untouched."""
+
+    def run(use_scaler: bool, poison_step: int | None = None):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3)).cuda()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        agg = GradVac(eps=0.0, on_nonfinite="skip")
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10, growth_interval=1000) if use_scaler else None
+        g = torch.Generator().manual_seed(1)
+        for step in range(4):
+            x, y = torch.randn(32, 16, generator=g).cuda(), torch.randn(32, 3, generator=g).cuda()
+            y[:, 1] = -y[:, 0]
+            with torch.autocast("cuda", dtype=torch.float16):
+                out = model(x)
+            losses = [((out[:, i].float() - y[:, i]) ** 2).mean() for i in range(3)]
+            if step == poison_step:
+                losses[2] = losses[2] * float("inf")
+            if scaler is not None:
+                losses = [scaler.scale(loss) for loss in losses]
+            gradvac_dist.backward(model, losses, agg)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad()
+        return torch.cat([p.detach().flatten() for p in model.parameters()]).cpu(), agg
+
+    plain, agg0 = run(False)
+    scaled, agg1 = run(True)
+    assert agg0.step == agg1.step == 4
+    assert torch.allclose(scaled, plain, rtol=1e-3, atol=1e-5)
+    assert torch.allclose(agg1.targets.cpu(), agg0.targets.cpu(), atol=1e-3, rtol=0)
+    _, skipped = run(True, poison_step=2)
+    assert skipped.step == 3 and skipped.skipped_steps == 1
