@@ -68,13 +68,6 @@ def all_reduce_sum(tensor: Tensor, group: dist.ProcessGroup | None, counters: Co
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
 
 
-def start_all_reduce(tensor: Tensor, group: dist.ProcessGroup | None, counters: CommCounters, name: str) -> dist.Work:
-    counters.record(name, tensor)
-    work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
-    assert work is not None
-    return work
-
-
 class PendingReduce:
     """An asynchronous reduction in flight; :meth:`wait` completes it (and its local epilogue)."""
 
@@ -129,7 +122,11 @@ def start_reduce_scatter(
 def start_all_reduce_pending(
     tensor: Tensor, group: dist.ProcessGroup | None, counters: CommCounters, name: str
 ) -> PendingReduce:
-    return PendingReduce(start_all_reduce(tensor, group, counters, name))
+    """Async in-place SUM all-reduce, counted."""
+    counters.record(name, tensor)
+    work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    assert work is not None
+    return PendingReduce(work)
 
 
 def start_all_gather(

@@ -261,10 +261,10 @@ class _DDPRuntime:
             return fut
         plan.future = fut
         if bucket.is_last():
-            self._finish_step(bucket)
+            self._finish_step()
         return fut
 
-    def _finish_step(self, last_bucket: dist.GradBucket) -> None:
+    def _finish_step(self) -> None:
         state, m = self.state, self.state.num_tasks
         group, counters = state.process_group, state.counters
         plans = [self.plans[i] for i in self.buckets_seen]
