@@ -99,6 +99,22 @@ def reference_grad(agg: GradVac, mean_jac: torch.Tensor, cols, sizes) -> torch.T
     return out
 
 
+def _step_both(model, plain, expected, opt, ref_opt) -> float:
+    """Relative error of the model's .grad against the reference gradient; then both take a step
+    (the reference model along the reference gradient), so the next step compares like with like."""
+    got = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
+    err = float((got - expected).norm() / expected.norm())
+    opt.step()
+    opt.zero_grad()
+    off = 0
+    for p in plain.parameters():
+        p.grad = expected[off : off + p.numel()].view_as(p).clone()
+        off += p.numel()
+    ref_opt.step()
+    ref_opt.zero_grad()
+    return err
+
+
 def run_config(
     rank, world, grouping, strategy, shared=None, steps=3, bucket_cap_mb=0.002, seed=0, device="cpu", bucket_view=False
 ):
@@ -121,17 +137,7 @@ def run_config(
         expected = reference_grad(ref_agg, mean_jac, cols, sizes)
 
         gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
-        got = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
-        max_err = max(max_err, float((got - expected).norm() / expected.norm()))
-        opt.step()
-        opt.zero_grad()
-        # the reference model follows the reference gradient
-        off = 0
-        for p in plain.parameters():
-            p.grad = expected[off : off + p.numel()].view_as(p).clone()
-            off += p.numel()
-        ref_opt.step()
-        ref_opt.zero_grad()
+        max_err = max(max_err, _step_both(model, plain, expected, opt, ref_opt))
     return {
         "max_rel_err": max_err,
         "params": torch.cat([p.detach().flatten() for p in model.parameters()]).cpu(),
@@ -273,16 +279,7 @@ def accumulation_body(rank, world, strategy, micro=3, steps=2):
         gathered = [torch.empty_like(total_local) for _ in range(world)]
         dist.all_gather(gathered, total_local)
         expected = reference_grad(ref_agg, torch.stack(gathered).mean(0), cols, sizes)
-        got = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
-        errs.append(float((got - expected).norm() / expected.norm()))
-        opt.step()
-        opt.zero_grad()
-        off = 0
-        for p in plain.parameters():
-            p.grad = expected[off : off + p.numel()].view_as(p).clone()
-            off += p.numel()
-        ref_opt.step()
-        ref_opt.zero_grad()
+        errs.append(_step_both(model, plain, expected, opt, ref_opt))
     misuse = _capture(lambda: gradvac_dist.backward(ddp, task_losses(ddp(x), ys), sync=False))
     return {
         "errs": errs,

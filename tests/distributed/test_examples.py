@@ -43,7 +43,17 @@ def test_accelerate_example_with_cpu_config_file(tmp_path):
     assert "done: 3 steps on 2 process(es)" in out
 
 
-@pytest.mark.parametrize("script", ["ddp_cpu.sh", "ddp_gpu.sh", "multinode.sh", "accelerate_cpu.sh"])
+LAUNCH_SCRIPTS = {
+    "ddp_cpu.sh": None,
+    "ddp_gpu.sh": None,
+    "multinode.sh": None,
+    "accelerate_cpu.sh": None,
+    "fsdp2_cpu.sh": "examples/fsdp2_train.py",
+    "fsdp2_gpu.sh": "examples/fsdp2_train.py",
+}
+
+
+@pytest.mark.parametrize("script", sorted(LAUNCH_SCRIPTS))
 def test_launch_script_parses_and_sets_up_before_launching(script):
     path = ROOT / "launch" / script
     subprocess.run(["bash", "-n", str(path)], check=True, timeout=30)
@@ -51,3 +61,6 @@ def test_launch_script_parses_and_sets_up_before_launching(script):
     setup = lines.index("bash launch/setup.sh")
     launch = next(i for i, line in enumerate(lines) if line.startswith("exec "))
     assert setup < launch
+    target = LAUNCH_SCRIPTS[script]
+    if target is not None:
+        assert target in lines[launch + 2]

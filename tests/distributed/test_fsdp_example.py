@@ -1,16 +1,13 @@
 """examples/fsdp2_train.py runs under torchrun (2 gloo ranks) and resumes exactly from a DCP checkpoint;
-the FSDP2 launch scripts parse and set up .venv before launching."""
+its launch scripts are checked with the others in test_examples.py."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
-import subprocess
 
-import pytest
-
-from tests.distributed.launchers import ROOT, run, torchrun
+from tests.distributed.launchers import run, torchrun
 
 
 def _torchrun(*args: str) -> str:
@@ -34,14 +31,3 @@ def test_fsdp2_example_trains_and_resumes_from_dcp(tmp_path):
     # the resumed step 2 (model, optimizer and GradVac trajectory from the checkpoint) repeats the straight one
     assert _step_lines(resumed)[2] == _step_lines(straight)[2]
     assert set(_step_lines(resumed)) == {2}
-
-
-@pytest.mark.parametrize("script", ["fsdp2_cpu.sh", "fsdp2_gpu.sh"])
-def test_fsdp2_launch_script_parses_and_sets_up_before_launching(script):
-    path = ROOT / "launch" / script
-    subprocess.run(["bash", "-n", str(path)], check=True, timeout=30)
-    lines = path.read_text().splitlines()
-    setup = lines.index("bash launch/setup.sh")
-    launch = next(i for i, line in enumerate(lines) if line.startswith("exec "))
-    assert setup < launch
-    assert "examples/fsdp2_train.py" in lines[launch + 2]
