@@ -7,6 +7,7 @@ each rank hands to the backend.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Literal
@@ -22,31 +23,68 @@ STRATEGIES: tuple[str, ...] = ("sharded", "replicated")
 
 
 class CommCounters:
-    """Counts the collectives issued and the payload bytes handed to each kind.
+    """Counts the collectives issued, the payload bytes handed to each kind, and phase times.
 
     ``calls[name]`` and ``bytes[name]`` for names such as ``"gramian_all_reduce"``,
     ``"task_all_reduce"``, ``"task_reduce_scatter"``, ``"result_all_gather"``. The payload is the
     size of the tensor given to the collective on this rank (the input of an all-reduce or a
     reduce-scatter, the output of an all-gather); the bytes a ring algorithm sends per rank
-    follow from it (see the README's cost table).
+    follow from it (see the README's cost table). ``calls["skipped_step"]`` counts steps left out
+    because a task gradient was not finite.
+
+    With ``timing = True`` (off by default: it costs two clock reads per phase), ``seconds[phase]``
+    accumulates the host wall time of each phase of a step:
+
+    - ``"hook"``: inside :func:`~gradvac_dist.gradvac_hook`, every bucket of every pass (DDP);
+    - ``"step"``: the part of a step after the last task's gradients exist (everything below);
+    - ``"gramians"``: partial Gramians of the local pieces;
+    - ``"gramian_all_reduce"``: the one all-reduce of Gramians and flags;
+    - ``"coefficients"``: the coefficient stage (the state's advance, or the non-finite fallback);
+    - ``"combine"``: combining the local pieces with the coefficients (and, for DDP's sharded
+      strategy, the all-gather of the combined shards).
+
+    On an accelerator the times are those of the host (kernels are launched, not awaited), apart
+    from the documented host synchronisation inside ``"coefficients"``.
     """
 
-    __slots__ = ("bytes", "calls")
+    __slots__ = ("bytes", "calls", "seconds", "timing")
 
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
         self.bytes: Counter[str] = Counter()
+        self.seconds: Counter[str] = Counter()
+        self.timing = False
 
     def record(self, name: str, tensor: Tensor) -> None:
         self.calls[name] += 1
         self.bytes[name] += tensor.numel() * tensor.element_size()
 
+    def phase(self, name: str) -> _Phase:
+        """A context manager adding the host time of its body to ``seconds[name]`` when ``timing``."""
+        return _Phase(self, name)
+
     def reset(self) -> None:
         self.calls.clear()
         self.bytes.clear()
+        self.seconds.clear()
 
-    def snapshot(self) -> dict[str, dict[str, int]]:
-        return {"calls": dict(self.calls), "bytes": dict(self.bytes)}
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        return {"calls": dict(self.calls), "bytes": dict(self.bytes), "seconds": dict(self.seconds)}
+
+
+class _Phase:
+    __slots__ = ("_counters", "_name", "_start")
+
+    def __init__(self, counters: CommCounters, name: str) -> None:
+        self._counters, self._name, self._start = counters, name, 0.0
+
+    def __enter__(self) -> None:
+        if self._counters.timing:
+            self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._counters.timing:
+            self._counters.seconds[self._name] += time.perf_counter() - self._start
 
 
 def default_strategy(group: dist.ProcessGroup | None) -> Strategy:

@@ -84,7 +84,8 @@ def gradvac_hook(state: GradVacState, bucket: dist.GradBucket) -> torch.futures.
             "GradVac, which needs one backward pass per task. Call gradvac_dist.backward(ddp, [loss_1, ..., loss_m]) "
             "instead; this step's gradients were not synchronised."
         )
-    return runtime.on_bucket(bucket)
+    with state.counters.phase("hook"):
+        return runtime.on_bucket(bucket)
 
 
 class _BucketPlan:
@@ -261,7 +262,8 @@ class _DDPRuntime:
             return fut
         plan.future = fut
         if bucket.is_last():
-            self._finish_step()
+            with counters.phase("step"):
+                self._finish_step()
         return fut
 
     def _finish_step(self) -> None:
@@ -282,21 +284,30 @@ class _DDPRuntime:
         buf = torch.zeros(num_blocks * m * m + m, dtype=torch.float64, device=pieces[0].device)
         gram = buf[: num_blocks * m * m].view(num_blocks, m, m)
         outside = buf[num_blocks * m * m :]
-        for plan, piece in zip(plans, pieces):
-            partial_gramians(piece, plan.gram_segments, num_blocks, out=gram)
-            for block, start, stop in plan.gram_segments:
-                if block < 0:
-                    outside += piece[:, start:stop].sum(dim=1, dtype=torch.float64)
-        all_reduce_sum(buf, group, counters, "gramian_all_reduce")
-        if bool(torch.isfinite(buf).all()):  # the step's one host sync; identical on every rank
-            result = state.trajectory.advance(gram, self.block_sizes, state.config, check_inputs=False)
-            state.last_result = result
-            coef = result.coefficients
-        else:  # state untouched; the plain (non-finite) mean-sum goes to .grad, so a GradScaler skips
-            self.nonfinite = self._diagnose(plans, pieces)
-            state.last_result = None
-            counters.calls["skipped_step"] += 1
-            coef = torch.ones((num_blocks, m), dtype=torch.float64, device=buf.device)
+        with counters.phase("gramians"):
+            for plan, piece in zip(plans, pieces):
+                partial_gramians(piece, plan.gram_segments, num_blocks, out=gram)
+                for block, start, stop in plan.gram_segments:
+                    if block < 0:
+                        outside += piece[:, start:stop].sum(dim=1, dtype=torch.float64)
+        with counters.phase("gramian_all_reduce"):
+            all_reduce_sum(buf, group, counters, "gramian_all_reduce")
+        with counters.phase("coefficients"):
+            if bool(torch.isfinite(buf).all()):  # the step's one host sync; identical on every rank
+                result = state.trajectory.advance(gram, self.block_sizes, state.config, check_inputs=False)
+                state.last_result = result
+                coef = result.coefficients
+            else:  # state untouched; the plain (non-finite) mean-sum goes to .grad, so a GradScaler skips
+                self.nonfinite = self._diagnose(plans, pieces)
+                state.last_result = None
+                counters.calls["skipped_step"] += 1
+                coef = torch.ones((num_blocks, m), dtype=torch.float64, device=buf.device)
+        with counters.phase("combine"):
+            self._combine_and_resolve(plans, coef)
+        self.step_done = True
+
+    def _combine_and_resolve(self, plans: list[_BucketPlan], coef: Tensor) -> None:
+        group, counters = self.state.process_group, self.state.counters
         if self.strategy == "sharded":
             pending = []
             for plan in plans:
@@ -308,7 +319,6 @@ class _DDPRuntime:
         else:
             for plan in plans:
                 self._resolve(plan, combine(plan.stash, coef, plan.full_segments))
-        self.step_done = True
 
     def _diagnose(self, plans: list[_BucketPlan], pieces: list[Tensor]) -> NonFiniteGradientError:
         """Names a task and parameter whose gradient is not finite (error path: one extra all-reduce)."""

@@ -383,7 +383,8 @@ class FSDPGradVac:
                 p.grad = g
             return
         self._pending = 0
-        nonfinite = self._step(plan, prior)
+        with state.counters.phase("step"):
+            nonfinite = self._step(plan, prior)
         self.steps_driven += 1
         if nonfinite is not None and state.config.on_nonfinite == "raise":
             raise nonfinite
@@ -437,29 +438,40 @@ class FSDPGradVac:
         state, m = self.state, self.state.num_tasks
         num_blocks = self.layout.num_blocks
         stash = plan.stash
+        counters = state.counters
         buf = torch.zeros(num_blocks * m * m + m, dtype=torch.float64, device=plan.device)
         gram = buf[: num_blocks * m * m].view(num_blocks, m, m)
         outside = buf[num_blocks * m * m :]
-        partial_gramians(stash, plan.segments, num_blocks, out=gram)
-        for block, start, stop in plan.segments:
-            if block < 0:
-                outside += stash[:, start:stop].sum(dim=1, dtype=torch.float64)
-        all_reduce_sum(buf, self.group, state.counters, "gramian_all_reduce")
-        # The step's one host sync. The coefficient stage (K m x m problems, m-1 sequential visits)
-        # then runs on the host: on an accelerator its dozens of tiny kernels cost more in launches
-        # than the arithmetic, and the decision below needs the host anyway.
-        host = buf.cpu()
-        nonfinite: NonFiniteGradientError | None = None
-        if bool(torch.isfinite(host).all()):  # identical on every rank
-            host_gram = host[: num_blocks * m * m].view(num_blocks, m, m)
-            result = state.trajectory.advance(host_gram, self.block_sizes, state.config, check_inputs=False)
-            state.last_result = result
-            coef = result.coefficients.to(plan.device)
-        else:  # state untouched; the plain (non-finite) sum goes to .grad, so a GradScaler skips
-            nonfinite = self._diagnose(plan)
-            state.last_result = None
-            state.counters.calls["skipped_step"] += 1
-            coef = torch.ones((num_blocks, m), dtype=torch.float64, device=plan.device)
+        with counters.phase("gramians"):
+            partial_gramians(stash, plan.segments, num_blocks, out=gram)
+            for block, start, stop in plan.segments:
+                if block < 0:
+                    outside += stash[:, start:stop].sum(dim=1, dtype=torch.float64)
+        with counters.phase("gramian_all_reduce"):
+            all_reduce_sum(buf, self.group, counters, "gramian_all_reduce")
+        with counters.phase("coefficients"):
+            # The step's one host sync. The coefficient stage (K m x m problems, m-1 sequential visits)
+            # then runs on the host: on an accelerator its dozens of tiny kernels cost more in launches
+            # than the arithmetic, and the decision below needs the host anyway.
+            host = buf.cpu()
+            nonfinite: NonFiniteGradientError | None = None
+            if bool(torch.isfinite(host).all()):  # identical on every rank
+                host_gram = host[: num_blocks * m * m].view(num_blocks, m, m)
+                result = state.trajectory.advance(host_gram, self.block_sizes, state.config, check_inputs=False)
+                state.last_result = result
+                coef = result.coefficients.to(plan.device)
+            else:  # state untouched; the plain (non-finite) sum goes to .grad, so a GradScaler skips
+                nonfinite = self._diagnose(plan)
+                state.last_result = None
+                counters.calls["skipped_step"] += 1
+                coef = torch.ones((num_blocks, m), dtype=torch.float64, device=plan.device)
+        with counters.phase("combine"):
+            self._write_grads(plan, prior, coef)
+        return nonfinite
+
+    def _write_grads(self, plan: _Plan, prior: list[Tensor | None], coef: Tensor) -> None:
+        """Combines the local shards and writes them into ``.grad`` as sharded DTensors."""
+        stash = plan.stash
         flat = combine(stash, coef, plan.segments)
         with torch.no_grad():
             for i, p in enumerate(plan.params):
@@ -475,7 +487,6 @@ class FSDPGradVac:
                 else:  # the DTensor FSDP itself would build: the parameter's spec (mesh, placements, shape)
                     p.grad = self._fsdp_params[i].to_sharded_dtensor(local)
         plan.reached[:] = [False] * len(plan.params)
-        return nonfinite
 
     def _diagnose(self, plan: _Plan) -> NonFiniteGradientError:
         """Names a task and parameter whose gradient is not finite (error path: one extra all-reduce)."""
