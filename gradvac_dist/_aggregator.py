@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._blocks import combine, contiguous_segments, partial_gramians
+from ._blocks import Segment, combine, contiguous_segments, partial_gramians
 from ._errors import NonFiniteGradientError, nonfinite_message
 from ._state import GradVacConfig, Trajectory
 from ._step import GradVacStepResult
@@ -89,20 +89,29 @@ class GradVac:
         if m < 1 or n < 1:
             raise ValueError(f"GradVac needs at least one task and one column, got a Jacobian of shape {[m, n]}.")
         sizes = _check_block_sizes(block_sizes, n)
-        self._trajectory.check_shape(m, sizes)
-        segments = contiguous_segments(sizes)
-        gramians = partial_gramians(jacobian, segments, len(sizes))
-        if not bool(torch.isfinite(gramians).all()):  # the one host sync of a step
+        return self._aggregate(jacobian, contiguous_segments(sizes), sizes)
+
+    def _aggregate(self, jacobian: Tensor, segments: Sequence[Segment], block_sizes: tuple[int, ...]) -> Tensor:
+        """One step on a Jacobian whose columns are laid out by ``segments`` (any order; block ``-1``:
+        columns GradVac does not act on, which get the plain sum). No column is copied."""
+        m = jacobian.shape[0]
+        num_blocks = len(block_sizes)
+        self._trajectory.check_shape(m, block_sizes)
+        gramians = partial_gramians(jacobian, segments, num_blocks)
+        outside = [jacobian[:, start:stop].sum(dim=1, dtype=torch.float64) for b, start, stop in segments if b < 0]
+        finite = torch.isfinite(gramians).all()
+        for total in outside:
+            finite = finite & torch.isfinite(total).all()
+        if not bool(finite):  # the one host sync of a step
             if self.config.on_nonfinite == "skip":
                 self.skipped_steps += 1
                 self.last_result = None
                 return jacobian.sum(0)
             task, block = _first_nonfinite(gramians)
-            raise NonFiniteGradientError(
-                nonfinite_message(task, f"block {block}" if len(sizes) > 1 else None), task, None
-            )
+            where = f"block {block}" if block is not None and num_blocks > 1 else None
+            raise NonFiniteGradientError(nonfinite_message(task, where), task, None)
         # Inputs built here (Gramians of a Jacobian, orders from draw_order); finiteness checked above.
-        result = self._trajectory.advance(gramians, sizes, self.config, check_inputs=False)
+        result = self._trajectory.advance(gramians, block_sizes, self.config, check_inputs=False)
         self.last_result = result
         return combine(jacobian, result.coefficients, segments)
 

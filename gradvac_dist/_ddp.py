@@ -6,12 +6,16 @@ DDP's reducer stops listening after the first backward pass of an iteration (pyt
 bucket; the hook stashes that task's reduced bucket and returns zeros, so the next pass
 accumulates exactly the next task's local gradient. In the last pass the hook holds the
 buckets' futures open until the last bucket arrives, then runs the GradVac step once and
-resolves them all with the aggregated gradient, which DDP copies into ``param.grad``.
+resolves them all with the aggregated gradient, which DDP copies into ``param.grad``. What happens
+once the last task's pieces exist (Gramians, the one all-reduce, the coefficient stage) is the
+engine's (``_engine.py``), shared with the FSDP2 path; this room keeps what is DDP's: bucket plans,
+the per-task reductions, the hook, and the driving of the passes.
 """
 
 # No `from __future__ import annotations` here: DDP compares the hook's annotations with
 # dist.GradBucket and Future[Tensor] at registration, so they must be real objects.
 
+import enum
 from collections.abc import Sequence
 
 import torch
@@ -19,12 +23,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ._blocks import BlockLayout, Segment, combine, layout_of, partial_gramians, segments_of_range
+from ._blocks import BlockLayout, Segment, combine, layout_of, segments_of_range
 from ._comm import (
     PendingReduce,
-    all_reduce_sum,
     default_strategy,
-    differing_entries,
     reduce_scatter_via_all_to_all,
     shard_length,
     start_all_gather,
@@ -32,10 +34,10 @@ from ._comm import (
     start_reduce_scatter,
     world_of,
 )
-from ._errors import NonFiniteGradientError, nonfinite_message
+from ._engine import Driver, Engine, Piece, StepOutcome, attach, driver_of
 from ._state import GradVacState
 
-__all__ = ["ddp_backward", "gradvac_hook", "is_ddp"]
+__all__ = ["check_ddp_configuration", "ddp_backward", "gradvac_hook", "is_ddp"]
 
 
 def is_ddp(model: nn.Module) -> bool:
@@ -75,10 +77,10 @@ def gradvac_hook(state: GradVacState, bucket: dist.GradBucket) -> torch.futures.
     if not isinstance(bucket, dist.GradBucket):
         raise TypeError(
             f"gradvac_hook is a DistributedDataParallel comm hook; it was called with {type(bucket).__name__}. "
-            "For FSDP2 use gradvac_dist.fsdp's wrapper; FSDP1 is unsupported."
+            "For FSDP2 use gradvac_dist.register_fsdp(model, state); FSDP1 is unsupported."
         )
-    runtime = getattr(state, "_runtime", None)
-    if runtime is None or not runtime.armed:
+    runtime = getattr(state, "_driver", None)
+    if not isinstance(runtime, _DDPRuntime) or runtime.phase is _Phase.IDLE:
         raise RuntimeError(
             "gradvac_hook fired outside gradvac_dist.backward(ddp, losses): a plain loss.backward() cannot run "
             "GradVac, which needs one backward pass per task. Call gradvac_dist.backward(ddp, [loss_1, ..., loss_m]) "
@@ -103,6 +105,7 @@ class _BucketPlan:
         "scratch",
         "shard",
         "shard_segments",
+        "sharded",
         "stash",
         "works",
     )
@@ -153,14 +156,26 @@ class _BucketPlan:
             self.scratch = self.recv = None
         self.works: list[PendingReduce | None] = [None] * m
         self.future: torch.futures.Future[Tensor] | None = None
+        self.sharded = sharded
+
+    def own_columns(self) -> Tensor:
+        """``[m, shard]``: the stashed task gradients of this rank's 1/W slice of the bucket."""
+        return self.stash if self.sharded else self.stash[:, self.shard[0] : self.shard[1]]
 
 
-class _DDPRuntime:
-    """Per-step machinery of the hook; lives in ``state._runtime`` once bound to a DDP module."""
+class _Phase(enum.Enum):
+    """Where a DDP step is; the hook's behaviour depends on it."""
+
+    IDLE = "idle"  # between steps: a hook call now comes from a plain loss.backward()
+    PASSES = "passes"  # inside gradvac_dist.backward's m passes
+    DONE = "done"  # the last bucket of the last pass has run the step
+
+
+class _DDPRuntime(Driver):
+    """The DDP driver of a state: bucket plans and per-step machinery of the hook (``state._driver``)."""
 
     def __init__(self, state: GradVacState, ddp: DistributedDataParallel) -> None:
-        self.state = state
-        self.module = ddp
+        super().__init__(ddp, state)
         group = state.process_group
         self.rank, self.world = world_of(group)
         self.strategy = state.strategy or default_strategy(group)
@@ -168,17 +183,15 @@ class _DDPRuntime:
         params = [p for p in ddp._module_parameters if p.requires_grad]
         self.layout: BlockLayout = layout_of(ddp.module, params, state.grouping, state.shared_params)
         names = {id(p): n for n, p in ddp.module.named_parameters()}
-        self.param_names = [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+        param_names = [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+        self.engine = Engine(state, group, self.layout.block_sizes, param_names)
         self.index_of = {id(p): (b, i) for i, (p, b) in enumerate(zip(params, self.layout.param_blocks))}
-        self.block_sizes = self.layout.block_sizes
         self.plans: dict[int, _BucketPlan] = {}
-        self.armed = False
+        self.phase = _Phase.IDLE
         self.task = 0
         self.buckets_seen: list[int] = []
         self.num_buckets: int | None = None
-        self.step_done = False
-        self.nonfinite: NonFiniteGradientError | None = None
-        self.steps_driven = 0  # calls of ddp_backward: equal on all ranks, unlike a corrupted step count
+        self.outcome: StepOutcome | None = None
         self.params = params
         self.offsets = [0]
         for p in params:
@@ -189,10 +202,9 @@ class _DDPRuntime:
     def begin_pass(self, task: int) -> None:
         self.task = task
         self.buckets_seen = []
-        self.armed = True
-        self.step_done = False
+        self.phase = _Phase.PASSES
         if task == 0:
-            self.nonfinite = None
+            self.outcome = None
 
     def end_pass(self) -> None:
         if self.num_buckets is None:
@@ -217,7 +229,7 @@ class _DDPRuntime:
 
     def disarm(self) -> None:
         """Ends a synchronised step, finished or failed: open futures and accumulated micro-batches go."""
-        self.armed = False
+        self.phase = _Phase.IDLE
         self.pending = None
         for plan in self.plans.values():
             plan.future = None
@@ -267,44 +279,22 @@ class _DDPRuntime:
         return fut
 
     def _finish_step(self) -> None:
-        state, m = self.state, self.state.num_tasks
-        group, counters = state.process_group, state.counters
+        """The step, at the last bucket of the last pass: the engine's part, then combine and resolve."""
+        counters, m = self.state.counters, self.state.num_tasks
         plans = [self.plans[i] for i in self.buckets_seen]
         for plan in plans:
             for work in plan.works:
                 if work is not None:
                     work.wait()
             plan.works = [None] * m
-        num_blocks = self.layout.num_blocks
-        pieces = [
-            plan.stash if self.strategy == "sharded" else plan.stash[:, plan.shard[0] : plan.shard[1]] for plan in plans
-        ]
-        # ONE all-reduce: the partial Gramians [K, m, m], then per task the sum of its columns that are
-        # in no block (non-finite iff such a column is), so every rank takes the same decision.
-        buf = torch.zeros(num_blocks * m * m + m, dtype=torch.float64, device=pieces[0].device)
-        gram = buf[: num_blocks * m * m].view(num_blocks, m, m)
-        outside = buf[num_blocks * m * m :]
-        with counters.phase("gramians"):
-            for plan, piece in zip(plans, pieces):
-                partial_gramians(piece, plan.gram_segments, num_blocks, out=gram)
-                for block, start, stop in plan.gram_segments:
-                    if block < 0:
-                        outside += piece[:, start:stop].sum(dim=1, dtype=torch.float64)
-        with counters.phase("gramian_all_reduce"):
-            all_reduce_sum(buf, group, counters, "gramian_all_reduce")
-        with counters.phase("coefficients"):
-            if bool(torch.isfinite(buf).all()):  # the step's one host sync; identical on every rank
-                result = state.trajectory.advance(gram, self.block_sizes, state.config, check_inputs=False)
-                state.last_result = result
-                coef = result.coefficients
-            else:  # state untouched; the plain (non-finite) mean-sum goes to .grad, so a GradScaler skips
-                self.nonfinite = self._diagnose(plans, pieces)
-                state.last_result = None
-                counters.calls["skipped_step"] += 1
-                coef = torch.ones((num_blocks, m), dtype=torch.float64, device=buf.device)
+        # Each rank's pieces: its 1/W slice of every bucket (the whole reduced shard when sharded), so
+        # that the all-reduced Gramians count every column exactly once.
+        pieces = [Piece(plan.own_columns(), plan.gram_segments, plan.param_segments) for plan in plans]
+        outcome = self.engine.step(pieces)
         with counters.phase("combine"):
-            self._combine_and_resolve(plans, coef)
-        self.step_done = True
+            self._combine_and_resolve(plans, outcome.coefficients)
+        self.outcome = outcome
+        self.phase = _Phase.DONE
 
     def _combine_and_resolve(self, plans: list[_BucketPlan], coef: Tensor) -> None:
         group, counters = self.state.process_group, self.state.counters
@@ -320,45 +310,16 @@ class _DDPRuntime:
             for plan in plans:
                 self._resolve(plan, combine(plan.stash, coef, plan.full_segments))
 
-    def _diagnose(self, plans: list[_BucketPlan], pieces: list[Tensor]) -> NonFiniteGradientError:
-        """Names a task and parameter whose gradient is not finite (error path: one extra all-reduce)."""
-        m, num_params = self.state.num_tasks, len(self.param_names)
-        flags = torch.zeros((m, num_params), dtype=torch.float64, device=pieces[0].device)
-        for plan, piece in zip(plans, pieces):
-            for index, start, stop in plan.param_segments:
-                flags[:, index] += (~torch.isfinite(piece[:, start:stop])).any(dim=1).double()
-        all_reduce_sum(flags, self.state.process_group, self.state.counters, "nonfinite_diagnosis")
-        bad = flags.nonzero()
-        task, where = (int(bad[0, 0]), self.param_names[int(bad[0, 1])]) if bad.numel() else (None, None)
-        return NonFiniteGradientError(nonfinite_message(task, where, " on at least one rank"), task, where)
-
     def _resolve(self, plan: _BucketPlan, value: Tensor) -> None:
         fut, plan.future = plan.future, None
         assert fut is not None, "every bucket of the last pass must have an open future"
         fut.set_result(value)
 
 
-def check_state_in_sync(state: GradVacState) -> None:
-    """Raises on every rank if the ranks' targets, generator state or step count differ."""
-    traj = state.trajectory
-    parts = {
-        "step count": torch.tensor([traj.step], dtype=torch.float64),
-        "order generator state": traj.generator.get_state(),
-    }
-    if traj.targets is not None:
-        parts["EMA targets"] = traj.targets
-    differing = differing_entries(parts, state.process_group, state.counters)
-    if differing:
-        what = "; ".join(
-            f"{name} (entry {i}: from {lo!r} to {hi!r} across ranks)" for name, (i, lo, hi) in differing.items()
-        )
-        raise RuntimeError(
-            f"GradVac ranks are out of sync after step {traj.step}: {what}. Every rank must run the same "
-            "steps with the same seed and checkpoint; restore all ranks from one checkpoint (state_dict)."
-        )
-
-
 def _find_state(ddp: DistributedDataParallel) -> GradVacState:
+    driver = driver_of(ddp)
+    if isinstance(driver, _DDPRuntime):
+        return driver.state
     hooks = [state for hook, state in getattr(ddp, "_comm_hooks", []) if hook is gradvac_hook]
     if not hooks:
         raise ValueError(
@@ -402,11 +363,11 @@ def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor], sync: b
     m = state.num_tasks
     if len(losses) != m:
         raise ValueError(f"got {len(losses)} losses but GradVacState(num_tasks={m}); pass exactly one loss per task.")
-    runtime = state._runtime
+    runtime = driver_of(ddp)
     if runtime is None:
-        runtime = state._runtime = _DDPRuntime(state, ddp)
-    elif runtime.module is not ddp:
-        raise ValueError("this GradVacState is already used by another DDP module; create one GradVacState per model.")
+        runtime = _DDPRuntime(state, ddp)
+        attach(ddp, runtime)
+    assert isinstance(runtime, _DDPRuntime), "a DDP module is driven by a _DDPRuntime"
     if not sync:
         if ddp.require_backward_grad_sync:
             raise ValueError(
@@ -421,12 +382,8 @@ def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor], sync: b
             ddp.reducer.prepare_for_backward([loss])
             loss.backward(retain_graph=task < m - 1)
             runtime.end_pass()
-        if not runtime.step_done:
+        if runtime.phase is not _Phase.DONE or runtime.outcome is None:
             raise RuntimeError("the last backward pass did not complete the GradVac step (no last bucket seen).")
-        runtime.steps_driven += 1
-        if runtime.nonfinite is not None and state.config.on_nonfinite == "raise":
-            raise runtime.nonfinite
-        if state.check_sync_every and runtime.steps_driven % state.check_sync_every == 0:
-            check_state_in_sync(state)
+        runtime.engine.finish(runtime.outcome)
     finally:
         runtime.disarm()

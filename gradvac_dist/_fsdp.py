@@ -17,12 +17,14 @@ FSDP2 already reduce-scatters every backward pass (mean over ranks, each rank ke
 of every parameter), so each task's rank-mean gradient arrives sharded for free; GradVac adds one
 all-reduce of ``K*m*m + m`` numbers per step and no all-gather of gradients. Gramians of a vector
 split across ranks add up, so the partial Gramians of the local shards, summed over ranks, are the
-exact Gramians of the rank-mean per-task gradients (see ``shared/design/gradvac.md``).
+exact Gramians of the rank-mean per-task gradients. What follows once the shards are stashed (the
+Gramians, the one all-reduce, the coefficient stage) is the engine's (``_engine.py``), shared with
+the DDP hook; this room keeps what is FSDP2's: taking each pass's shards, and writing ``.grad``.
 
-Facts of torch 2.13 this relies on (``shared/design/torch-distributed-facts.md``, FSDP2): one
-forward then m backward passes (``retain_graph=True``) works; each pass reduce-scatters and leaves
-``param.grad`` a DTensor sharded like the parameter; a second pass accumulates into ``.grad``; each
-pass re-all-gathers the parameters unless told not to reshard after backward. The FSDP internals
+Facts of torch 2.13 this relies on (checked on gloo CPU ranks): one forward then m backward passes
+(``retain_graph=True``) works; each pass reduce-scatters and leaves ``param.grad`` a DTensor
+sharded like the parameter; a second pass accumulates into ``.grad``; each pass re-all-gathers the
+parameters unless told not to reshard after backward. The FSDP internals
 used here (each ``FSDPParamGroup``'s ``reshard_after_backward`` and ``reduce_grads``, the shared
 ``is_last_backward`` flag, ``FSDPParam.sharded_param`` / ``to_sharded_dtensor``) are checked at
 registration, so another torch release fails loudly instead of misbehaving.
@@ -30,7 +32,6 @@ registration, so another torch release fails loudly instead of misbehaving.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,26 +42,12 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from ._blocks import BlockLayout, Segment, combine, layout_of, partial_gramians
-from ._comm import all_reduce_sum
-from ._errors import NonFiniteGradientError, nonfinite_message
-from ._state import (
-    BLOCK_SIZES_KEY,
-    FORMAT_VERSION,
-    GENERATOR_KEY,
-    GROUPING_KEY,
-    NUM_TASKS_KEY,
-    STEP_KEY,
-    TARGETS_KEY,
-    VERSION_KEY,
-    GradVacState,
-)
+from ._blocks import BlockLayout, Segment, combine, layout_of
+from ._checks import check_losses, reject_fsdp1
+from ._engine import Driver, Engine, Piece, attach, detach, driver_of
+from ._state import GradVacState, from_plain, to_plain
 
 __all__ = ["FSDPGradVac", "fsdp_backward", "is_fsdp2", "register_fsdp"]
-
-#: model -> its handle. Weak keys: dropping the model drops the registration (the handle holds
-#: the model only through a weak reference, so the entry does not keep it alive).
-_REGISTRY: weakref.WeakKeyDictionary[nn.Module, FSDPGradVac] = weakref.WeakKeyDictionary()
 
 
 def is_fsdp2(model: nn.Module) -> bool:
@@ -85,16 +72,14 @@ def register_fsdp(model: nn.Module, state: GradVacState, *, reshard_between_pass
             re-all-gathers what it resharded: less memory, up to m times the backward all-gathers).
 
     Returns:
-        The :class:`FSDPGradVac` handle, also reachable as ``state._runtime``. It is a DCP
+        The :class:`FSDPGradVac` handle. It is a DCP
         ``Stateful``: put it in the dict given to ``torch.distributed.checkpoint.save`` / ``load``.
 
     Raises:
         ValueError: FSDP1, a model not sharded with ``fully_shard``, unsharded or non-DTensor
             trainable parameters, a multi-dimensional (HSDP) mesh, a state or model registered twice.
     """
-    from ._backward import _reject_unsupported_wrappers
-
-    _reject_unsupported_wrappers(model)
+    reject_fsdp1(model)
     if not is_fsdp2(model):
         raise ValueError(
             f"register_fsdp needs a module sharded with FSDP2 (torch.distributed.fsdp.fully_shard), got a "
@@ -103,11 +88,11 @@ def register_fsdp(model: nn.Module, state: GradVacState, *, reshard_between_pass
         )
     if not isinstance(state, GradVacState):
         raise TypeError(f"register_fsdp(model, state): state must be a gradvac_dist.GradVacState, got {state!r}.")
-    if model in _REGISTRY:
+    if driver_of(model) is not None:
         raise ValueError("GradVac is already registered on this model; register once (call handle.remove() first).")
-    if state._runtime is not None:
+    if state._driver is not None:
         raise ValueError(
-            "this GradVacState is already used by another model (DDP or FSDP); create one GradVacState per model."
+            "this GradVacState is already used by another model (DDP or FSDP2); create one GradVacState per model."
         )
     if state.strategy not in (None, "sharded"):
         raise ValueError(
@@ -115,8 +100,7 @@ def register_fsdp(model: nn.Module, state: GradVacState, *, reshard_between_pass
             "reduce-scattered by FSDP. Leave strategy=None."
         )
     handle = FSDPGradVac(model, state, reshard_between_passes=bool(reshard_between_passes))
-    _REGISTRY[model] = handle
-    state._runtime = handle
+    attach(model, handle)
     return handle
 
 
@@ -146,7 +130,7 @@ class _Plan:
         return self.offsets[-1]
 
 
-class FSDPGradVac:
+class FSDPGradVac(Driver):
     """GradVac attached to an FSDP2 model by :func:`register_fsdp`; a DCP ``Stateful``.
 
     :meth:`backward` (what ``gradvac_dist.backward(model, losses)`` calls) runs one GradVac step:
@@ -197,22 +181,20 @@ class FSDPGradVac:
     """
 
     def __init__(self, model: nn.Module, state: GradVacState, *, reshard_between_passes: bool = False) -> None:
-        self._model_ref = weakref.ref(model)
-        self.state = state
+        super().__init__(model, state)
         self.reshard_between_passes = reshard_between_passes
-        self.steps_driven = 0  # calls that completed a step: equal on all ranks
         self._pending = 0  # sync=False micro-batches accumulated in the stash
         self._plan: _Plan | None = None
         self._groups = _param_groups_of(model)
         params = _trainable(model)
         names = {id(p): n for n, p in model.named_parameters()}
         self.param_names = [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
-        self.group = _mesh_group(params, self.param_names)
+        mesh_group = _mesh_group(params, self.param_names)
         # FSDP swaps the module's parameters between the sharded DTensors and the unsharded tensors
         # around forward and backward; its FSDPParam objects are stable and know the sharded one.
         by_id = {}
-        for group in self._groups:
-            for fp in group.fsdp_params:
+        for param_group in self._groups:
+            for fp in param_group.fsdp_params:
                 by_id[id(fp.sharded_param)] = fp
                 info = fp._module_info  # the parameter as registered on its module now (before lazy init too)
                 by_id[id(getattr(info.module, info.param_name))] = fp
@@ -226,25 +208,24 @@ class FSDPGradVac:
         # FSDP's collectives run on this device type (the shards may live on the CPU with offloading)
         self._on_accelerator = params[0].device_mesh.device_type != "cpu"
         if state.process_group is None:
-            state.process_group = self.group
-        elif _ranks(state.process_group) != _ranks(self.group):
+            state.process_group = mesh_group
+        elif _ranks(state.process_group) != _ranks(mesh_group):
             raise ValueError(
                 f"GradVacState.process_group has ranks {_ranks(state.process_group)} but the model is sharded over "
-                f"ranks {_ranks(self.group)}; the Gramians must be summed over the FSDP shard group. Leave "
+                f"ranks {_ranks(mesh_group)}; the Gramians must be summed over the FSDP shard group. Leave "
                 "process_group=None to use the mesh's group."
             )
         self.layout: BlockLayout = layout_of(model, params, state.grouping, state.shared_params)
-        #: global sizes of the K blocks: rank- and world-size-independent, checked on every step and load
-        self.block_sizes = self.layout.block_sizes
+        # block sizes are global: rank- and world-size-independent, checked on every step and load
+        self.engine = Engine(state, mesh_group, self.layout.block_sizes, self.param_names)
 
     # -- identity ------------------------------------------------------------------------------------
     @property
-    def module(self) -> nn.Module:
-        """The registered model (raises if it was garbage-collected)."""
-        model = self._model_ref()
-        if model is None:
-            raise RuntimeError("the model this GradVac handle was registered on no longer exists.")
-        return model
+    def group(self) -> dist.ProcessGroup:
+        """The FSDP mesh's process group, over which the Gramians are summed."""
+        group = self.engine.group
+        assert group is not None, "the FSDP mesh always has a group"
+        return group
 
     @property
     def stash_bytes(self) -> int:
@@ -254,11 +235,7 @@ class FSDPGradVac:
 
     def remove(self) -> None:
         """Detaches GradVac from the model (the state can then be registered elsewhere)."""
-        model = self._model_ref()
-        if model is not None and _REGISTRY.get(model) is self:
-            del _REGISTRY[model]
-        if self.state._runtime is self:
-            self.state._runtime = None
+        detach(self)
         self._plan = None
 
     def __repr__(self) -> str:
@@ -274,68 +251,24 @@ class FSDPGradVac:
         Keys: ``format_version``, ``grouping``, ``num_tasks``, ``step`` (ints / str), ``block_sizes``
         (list of ints: the model's global block sizes), ``targets`` (flat list of float64 values of
         the ``[K, m, m]`` EMA targets, ``None`` before the first step), ``generator_state``
-        (``bytes``). No tensors on purpose: DCP stores each value as one object and replaces it on
-        load, so a checkpoint of another model, grouping or task count reaches
-        :meth:`load_state_dict`, which refuses it with a message, instead of failing inside DCP's
-        planner on a tensor-shape mismatch. Python floats are float64: the round trip is exact.
+        (``bytes``). No tensors on purpose: see :func:`gradvac_dist._state.to_plain`.
         """
-        traj = self.state.trajectory
-        targets = None
-        if traj.targets is not None:
-            targets = traj.targets.detach().to(device="cpu", dtype=torch.float64).flatten().tolist()
-        return {
-            VERSION_KEY: FORMAT_VERSION,
-            GROUPING_KEY: self.state.grouping,
-            NUM_TASKS_KEY: self.state.num_tasks,
-            STEP_KEY: traj.step,
-            BLOCK_SIZES_KEY: list(self.block_sizes),
-            TARGETS_KEY: targets,
-            GENERATOR_KEY: bytes(traj.generator.get_state().numpy().tobytes()),
-        }
+        return to_plain(self.state.state_dict(), self.block_sizes)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads :meth:`state_dict`'s output (also after ``dcp.load``); checks it whole, changes nothing on error."""
-        if not isinstance(state_dict, dict) or not isinstance(state_dict.get(GENERATOR_KEY), (bytes, bytearray)):
-            raise ValueError(
-                "not a checkpoint of FSDPGradVac.state_dict() (generator_state is not bytes); a "
-                "GradVacState.state_dict() is loaded with state.load_state_dict(...) instead."
-            )
+        loaded = from_plain(state_dict)
         if self._pending:
             raise RuntimeError(
                 "load_state_dict between backward(..., sync=False) micro-batches: finish the step first."
             )
-        sizes, m, targets = state_dict.get(BLOCK_SIZES_KEY), state_dict.get(NUM_TASKS_KEY), state_dict.get(TARGETS_KEY)
-        if targets is not None:
-            ok = isinstance(sizes, list) and isinstance(m, int) and isinstance(targets, list)
-            if not ok or len(targets) != len(sizes) * m * m:
-                raise ValueError(
-                    "checkpoint targets are malformed: expected a flat list of K*m*m numbers with block_sizes (K) "
-                    "and num_tasks (m) set."
-                )
-            targets = torch.tensor(targets, dtype=torch.float64).view(len(sizes), m, m)
-        self.state.load_state_dict(
-            {
-                VERSION_KEY: state_dict.get(VERSION_KEY),
-                GROUPING_KEY: state_dict.get(GROUPING_KEY, self.state.grouping),
-                NUM_TASKS_KEY: m,
-                BLOCK_SIZES_KEY: sizes if targets is not None else None,
-                TARGETS_KEY: targets,
-                GENERATOR_KEY: torch.frombuffer(bytearray(state_dict[GENERATOR_KEY]), dtype=torch.uint8),
-                STEP_KEY: state_dict.get(STEP_KEY),
-            }
-        )
+        self.state.load_state_dict(loaded)
 
     # -- the step ----------------------------------------------------------------------------------
     def backward(self, losses: Sequence[Tensor], sync: bool = True) -> None:
         """One GradVac step on the model (see the class docstring); ``gradvac_dist.backward`` calls this."""
-        from ._backward import _check_losses
-
-        losses = _check_losses(losses)
         state, m = self.state, self.state.num_tasks
-        if len(losses) != m:
-            raise ValueError(
-                f"got {len(losses)} losses but GradVacState(num_tasks={m}); pass exactly one loss per task."
-            )
+        losses = check_losses(losses, m)
         model = self.module
         root = _root_state(model)
         for group in self._groups:
@@ -384,14 +317,10 @@ class FSDPGradVac:
             return
         self._pending = 0
         with state.counters.phase("step"):
-            nonfinite = self._step(plan, prior)
-        self.steps_driven += 1
-        if nonfinite is not None and state.config.on_nonfinite == "raise":
-            raise nonfinite
-        if state.check_sync_every and self.steps_driven % state.check_sync_every == 0:
-            from ._ddp import check_state_in_sync
-
-            check_state_in_sync(state)
+            outcome = self.engine.step([Piece(plan.stash, plan.segments, plan.param_segments)])
+            with state.counters.phase("combine"):
+                self._write_grads(plan, prior, outcome.coefficients)
+        self.engine.finish(outcome)
 
     def _take(self, plan: _Plan, task: int, accumulate: bool, root: Any) -> None:
         """Moves pass ``task``'s reduce-scattered shards from ``.grad`` into stash row ``task`` (one batched copy)."""
@@ -433,42 +362,6 @@ class FSDPGradVac:
             if zero and not accumulate:
                 torch._foreach_zero_(zero)
 
-    def _step(self, plan: _Plan, prior: list[Tensor | None]) -> NonFiniteGradientError | None:
-        """Steps 3-6: Gramians, the one all-reduce, the coefficient stage, the combined shards into .grad."""
-        state, m = self.state, self.state.num_tasks
-        num_blocks = self.layout.num_blocks
-        stash = plan.stash
-        counters = state.counters
-        buf = torch.zeros(num_blocks * m * m + m, dtype=torch.float64, device=plan.device)
-        gram = buf[: num_blocks * m * m].view(num_blocks, m, m)
-        outside = buf[num_blocks * m * m :]
-        with counters.phase("gramians"):
-            partial_gramians(stash, plan.segments, num_blocks, out=gram)
-            for block, start, stop in plan.segments:
-                if block < 0:
-                    outside += stash[:, start:stop].sum(dim=1, dtype=torch.float64)
-        with counters.phase("gramian_all_reduce"):
-            all_reduce_sum(buf, self.group, counters, "gramian_all_reduce")
-        with counters.phase("coefficients"):
-            # The step's one host sync. The coefficient stage (K m x m problems, m-1 sequential visits)
-            # then runs on the host: on an accelerator its dozens of tiny kernels cost more in launches
-            # than the arithmetic, and the decision below needs the host anyway.
-            host = buf.cpu()
-            nonfinite: NonFiniteGradientError | None = None
-            if bool(torch.isfinite(host).all()):  # identical on every rank
-                host_gram = host[: num_blocks * m * m].view(num_blocks, m, m)
-                result = state.trajectory.advance(host_gram, self.block_sizes, state.config, check_inputs=False)
-                state.last_result = result
-                coef = result.coefficients.to(plan.device)
-            else:  # state untouched; the plain (non-finite) sum goes to .grad, so a GradScaler skips
-                nonfinite = self._diagnose(plan)
-                state.last_result = None
-                counters.calls["skipped_step"] += 1
-                coef = torch.ones((num_blocks, m), dtype=torch.float64, device=plan.device)
-        with counters.phase("combine"):
-            self._write_grads(plan, prior, coef)
-        return nonfinite
-
     def _write_grads(self, plan: _Plan, prior: list[Tensor | None], coef: Tensor) -> None:
         """Combines the local shards and writes them into ``.grad`` as sharded DTensors."""
         stash = plan.stash
@@ -487,17 +380,6 @@ class FSDPGradVac:
                 else:  # the DTensor FSDP itself would build: the parameter's spec (mesh, placements, shape)
                     p.grad = self._fsdp_params[i].to_sharded_dtensor(local)
         plan.reached[:] = [False] * len(plan.params)
-
-    def _diagnose(self, plan: _Plan) -> NonFiniteGradientError:
-        """Names a task and parameter whose gradient is not finite (error path: one extra all-reduce)."""
-        m = self.state.num_tasks
-        flags = torch.zeros((m, len(plan.params)), dtype=torch.float64, device=plan.device)
-        for index, start, stop in plan.param_segments:
-            flags[:, index] += (~torch.isfinite(plan.stash[:, start:stop])).any(dim=1).double()
-        all_reduce_sum(flags, self.group, self.state.counters, "nonfinite_diagnosis")
-        bad = flags.nonzero()
-        task, where = (int(bad[0, 0]), self.param_names[int(bad[0, 1])]) if bad.numel() else (None, None)
-        return NonFiniteGradientError(nonfinite_message(task, where, " on at least one rank"), task, where)
 
     # -- plan ----------------------------------------------------------------------------------------
     def _current_plan(self) -> _Plan:
@@ -658,8 +540,8 @@ def _root_state(model: nn.Module) -> Any:
 
 def fsdp_backward(model: nn.Module, losses: Sequence[Tensor], sync: bool = True) -> None:
     """``gradvac_dist.backward`` for an FSDP2 model: finds the registered handle and runs its step."""
-    handle = _REGISTRY.get(model)
-    if handle is None:
+    handle = driver_of(model)
+    if not isinstance(handle, FSDPGradVac):
         raise ValueError(
             "gradvac_dist.backward(fsdp_model, losses) needs GradVac registered on this FSDP2 model first: "
             "handle = gradvac_dist.register_fsdp(model, gradvac_dist.GradVacState(num_tasks=m)). Register the root "

@@ -8,15 +8,18 @@ identical on every rank (the all-reduced Gramians). Checkpoint keys are module c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from ._blocks import GROUPINGS
+from ._checks import check_num_tasks
+from ._comm import STRATEGIES, CommCounters
 from ._errors import ON_NONFINITE
 from ._step import GradVacStepResult, draw_order, gradvac_step
 
-__all__ = ["GradVacConfig", "Trajectory"]
+__all__ = ["GradVacConfig", "GradVacState", "Trajectory", "from_plain", "to_plain"]
 
 # Checkpoint keys (state_dict of the aggregator, of GradVacState and of the FSDP wrapper).
 VERSION_KEY = "format_version"
@@ -57,12 +60,6 @@ class GradVacConfig:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}.")
         if self.on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}.")
-
-
-def check_num_tasks(num_tasks: Any) -> int:
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ValueError(f"num_tasks must be an int >= 1 (the number of task losses), got {num_tasks!r}.")
-    return num_tasks
 
 
 class Trajectory:
@@ -188,6 +185,58 @@ class Trajectory:
         self.step = step
 
 
+def to_plain(state_dict: dict[str, Any], block_sizes: tuple[int, ...]) -> dict[str, Any]:
+    """A trajectory ``state_dict`` as plain Python values (for ``torch.distributed.checkpoint``).
+
+    ``block_sizes`` are the model's global block sizes (recorded even before the first step);
+    ``targets`` become a flat list of float64 values (Python floats are float64: exact),
+    ``generator_state`` bytes. DCP stores each plain value as one object and replaces it on load,
+    so a checkpoint of another model, grouping or task count reaches ``load_state_dict``, which
+    refuses it with a message, instead of failing inside DCP's planner on a tensor-shape mismatch.
+    """
+    targets = state_dict[TARGETS_KEY]
+    return {
+        **state_dict,
+        BLOCK_SIZES_KEY: list(block_sizes),
+        TARGETS_KEY: None if targets is None else targets.to(dtype=torch.float64).flatten().tolist(),
+        GENERATOR_KEY: bytes(state_dict[GENERATOR_KEY].numpy().tobytes()),
+    }
+
+
+def from_plain(plain: dict[str, Any]) -> dict[str, Any]:
+    """Undoes :func:`to_plain`, checking only what the conversion needs (``load_state_dict`` checks the rest)."""
+    if not isinstance(plain, dict) or not isinstance(plain.get(GENERATOR_KEY), (bytes, bytearray)):
+        raise ValueError(
+            "not a checkpoint of FSDPGradVac.state_dict() (generator_state is not bytes); a "
+            "GradVacState.state_dict() is loaded with state.load_state_dict(...) instead."
+        )
+    sizes, m, targets = plain.get(BLOCK_SIZES_KEY), plain.get(NUM_TASKS_KEY), plain.get(TARGETS_KEY)
+    if targets is not None:
+        ok = isinstance(sizes, list) and isinstance(m, int) and isinstance(targets, list)
+        if not ok or len(targets) != len(sizes) * m * m:
+            raise ValueError(
+                "checkpoint targets are malformed: expected a flat list of K*m*m numbers with block_sizes (K) "
+                "and num_tasks (m) set."
+            )
+        targets = torch.tensor(targets, dtype=torch.float64).view(len(sizes), m, m)
+    return {
+        VERSION_KEY: plain.get(VERSION_KEY),
+        NUM_TASKS_KEY: m,
+        BLOCK_SIZES_KEY: sizes if targets is not None else None,
+        TARGETS_KEY: targets,
+        GENERATOR_KEY: torch.frombuffer(bytearray(plain[GENERATOR_KEY]), dtype=torch.uint8),
+        STEP_KEY: plain.get(STEP_KEY),
+        **({GROUPING_KEY: plain[GROUPING_KEY]} if GROUPING_KEY in plain else {}),
+    }
+
+
+class Bound(Protocol):
+    """What a state needs of the driver it is attached to (``gradvac_dist._engine.Driver``)."""
+
+    @property
+    def block_sizes(self) -> tuple[int, ...]: ...
+
+
 def _short(sizes: tuple[int, ...], limit: int = 6) -> str:
     if len(sizes) <= limit:
         return str(list(sizes))
@@ -198,9 +247,9 @@ class GradVacState:
     """State of :func:`gradvac_dist.gradvac_hook` (DDP) and of the FSDP2 path.
 
     Holds the frozen configuration, the trajectory every rank keeps identical (EMA targets,
-    order generator, step), and the per-step runtime of the hook. Like PyTorch's
-    ``PowerSGDState``, it pickles everything but the process group (and the runtime, which is
-    rebuilt): after unpickling, the default process group is used.
+    order generator, step), and the link to the model it drives. Like PyTorch's
+    ``PowerSGDState``, it pickles everything but the process group (and that link, which is
+    rebuilt at the next step): after unpickling, the default process group is used.
 
     Args:
         num_tasks: m, the number of task losses passed to :func:`gradvac_dist.backward` each step.
@@ -238,8 +287,8 @@ class GradVacState:
         # trajectory: identical on every rank, changed only by the core
         "trajectory",
         "last_result",
-        # runtime of the current step (not pickled)
-        "_runtime",
+        # the model this state drives (not pickled): see gradvac_dist._engine.attach
+        "_driver",
     )
 
     def __init__(
@@ -255,9 +304,6 @@ class GradVacState:
         on_nonfinite: str = "raise",
         check_sync_every: int | None = None,
     ) -> None:
-        from ._blocks import GROUPINGS
-        from ._comm import STRATEGIES, CommCounters
-
         self.num_tasks = check_num_tasks(num_tasks)
         self.config = GradVacConfig(beta=beta, eps=eps, seed=seed, on_nonfinite=on_nonfinite)
         if grouping not in GROUPINGS:
@@ -285,7 +331,7 @@ class GradVacState:
         self.counters = CommCounters()
         self.trajectory = Trajectory(seed, num_tasks)
         self.last_result: GradVacStepResult | None = None
-        self._runtime: Any = None
+        self._driver: Bound | None = None
 
     @property
     def step(self) -> int:
@@ -312,7 +358,7 @@ class GradVacState:
                 f"checkpoint grouping {state_dict[GROUPING_KEY]!r} differs from this state's {self.grouping!r}; "
                 "refusing to load it (its targets are per block of another partition)."
             )
-        expected = self._runtime.block_sizes if self._runtime is not None else None
+        expected = self._driver.block_sizes if self._driver is not None else None
         self.trajectory.load_state_dict(state_dict, expected_block_sizes=expected)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -327,8 +373,6 @@ class GradVacState:
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        from ._comm import CommCounters
-
         self.num_tasks = state["num_tasks"]
         self.config = state["config"]
         self.grouping = state["grouping"]
@@ -340,4 +384,4 @@ class GradVacState:
         self.trajectory = Trajectory(self.config.seed, self.num_tasks)
         self.trajectory.load_state_dict(state["trajectory"])
         self.last_result = None
-        self._runtime = None
+        self._driver = None

@@ -72,7 +72,8 @@ def draw_order(m: int, generator: torch.Generator) -> Tensor:
 
 
 def _check_inputs(gramians: Tensor, targets: Tensor, order: Tensor, beta: float, eps: float) -> None:
-    """Validates the user-facing arguments of :func:`gradvac_step` (one host sync in all)."""
+    """Validates the user-facing arguments of :func:`gradvac_step` (four host syncs: the order, the
+    finiteness of gramians and of targets, the symmetry)."""
     if not isinstance(gramians, Tensor) or gramians.dim() != 3 or gramians.shape[1] != gramians.shape[2]:
         shape = tuple(gramians.shape) if isinstance(gramians, Tensor) else type(gramians).__name__
         raise ValueError(
@@ -176,8 +177,8 @@ def gradvac_step(
         eps: the stabiliser added to both denominators, ``>= 0``.
         dtype: the precision of the whole computation (float64 by default, whatever the
             Gramians' dtype); results come back in this dtype, on the Gramians' device.
-        check_inputs: validate shapes, the order, symmetry and finiteness (one host sync).
-            Internal callers that built the inputs themselves pass False.
+        check_inputs: validate shapes, the order, symmetry and finiteness (four host syncs).
+            Internal callers that built the inputs themselves pass False; the step itself has none.
 
     Returns:
         A :class:`GradVacStepResult` ``(coefficients, targets, cosines, corrected)``.

@@ -145,7 +145,7 @@ def run_config(
         "ref_targets": ref_agg.targets.cpu(),
         "generator": state.trajectory.generator.get_state(),
         "calls": dict(state.counters.calls),
-        "num_buckets": len(state._runtime.plans),
+        "num_buckets": len(state._driver.plans),
         "step": state.step,
     }
 

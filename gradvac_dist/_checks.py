@@ -1,0 +1,50 @@
+"""Checks of user input shared by every path (single process, DDP, FSDP2).
+
+Each raises a ``ValueError`` that says what was wrong and what to do; none touches any state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = ["check_losses", "check_num_tasks", "reject_fsdp1"]
+
+
+def check_num_tasks(num_tasks: Any) -> int:
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"num_tasks must be an int >= 1 (the number of task losses), got {num_tasks!r}.")
+    return num_tasks
+
+
+def check_losses(losses: Sequence[Tensor] | Tensor, num_tasks: int | None = None) -> list[Tensor]:
+    """The losses as a list of scalar tensors that require grad (a 1-D tensor is split into its entries)."""
+    if isinstance(losses, Tensor):
+        losses = list(losses.unbind()) if losses.dim() == 1 else [losses]
+    losses = list(losses)
+    if not losses:
+        raise ValueError("losses is empty: pass one scalar loss per task.")
+    for i, loss in enumerate(losses):
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(
+                f"losses[{i}] must be a scalar tensor (one loss per task), got {type(loss).__name__} "
+                f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}."
+            )
+        if not loss.requires_grad:
+            raise ValueError(f"losses[{i}] does not require grad: it is not connected to the model's parameters.")
+    if num_tasks is not None and len(losses) != num_tasks:
+        raise ValueError(
+            f"got {len(losses)} losses but GradVacState(num_tasks={num_tasks}); pass exactly one loss per task."
+        )
+    return losses
+
+
+def reject_fsdp1(model: nn.Module) -> None:
+    """Refuses FSDP1 (``FullyShardedDataParallel``), on the model itself or on any submodule."""
+    if any(type(module).__name__ == "FullyShardedDataParallel" for module in model.modules()):
+        raise ValueError(
+            "FSDP1 (FullyShardedDataParallel) is not supported: it crashes or skips the reduction on a "
+            "second backward pass of one step. Shard the model with FSDP2 (torch.distributed.fsdp.fully_shard) instead."
+        )

@@ -1,0 +1,236 @@
+"""The distributed step every transport shares, once its per-task pieces exist.
+
+A transport (the DDP hook in ``_ddp.py``, the FSDP2 path in ``_fsdp.py``) turns m backward passes
+into *pieces*: on each rank, ``[m, L]`` slices of the rank-mean per-task gradients (a rank's slice
+of a DDP bucket, its FSDP2 local shards), chosen so that across all ranks and pieces every
+parameter element is counted exactly once. From there a step is the same whatever the transport:
+
+1. partial Gramians ``[K, m, m]`` of the local pieces, per block, accumulated in float64, and per
+   task the sum of the columns outside every block (only to detect inf/NaN there);
+2. ONE all-reduce (SUM) of those ``K*m*m + m`` numbers: the Gramians of the rank-mean per-task
+   gradients (Gramians of the pieces of a vector add up), identical on every rank;
+3. the coefficient stage: if all is finite, the state's trajectory advances on every rank from the
+   same Gramians, targets and order generator, giving per-block coefficients ``c[k, l]``; if not,
+   the state is left untouched, the coefficients are all ones (the plain sum) and the task and
+   parameter that are not finite are named (one more all-reduce, on that path only);
+4. the transport combines each piece, ``sum_l c[k, l] piece[l]`` per block, and puts it in place.
+
+:class:`Engine` runs steps 1-3 and the bookkeeping after a step (:meth:`Engine.finish`).
+:class:`Driver` is the one typed link between a model and the :class:`~gradvac_dist.GradVacState`
+that drives it; :func:`attach`, :func:`driver_of` and :func:`detach` keep it, in both directions.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ._blocks import Segment, partial_gramians
+from ._comm import all_reduce_sum, differing_entries
+from ._errors import NonFiniteGradientError, nonfinite_message
+from ._state import GradVacState
+
+__all__ = ["Driver", "Engine", "Piece", "StepOutcome", "attach", "check_in_sync", "detach", "driver_of"]
+
+#: Where the coefficient stage runs: on the host below this many Gramian entries (K*m*m), on the
+#: pieces' device at or above it. The stage is m-1 sequential visits of about a dozen element-wise
+#: ops each on [K, m] tensors: on an accelerator each op is a kernel launch (~5-10 us, whatever the
+#: size), on the host a small op takes a few us and grows with K*m*m (measured on the shared 2-core
+#: CPU machine, 1 thread, a whole step: m=3, K=1: 0.9 ms; m=10, K=40: 2.4 ms; m=8, K=512: 7.9 ms;
+#: m=64, K=500: 550 ms). The step needs the
+#: host anyway for its one synchronisation (the finiteness decision), so small problems avoid
+#: dozens of launches and large ones keep their arithmetic on the accelerator. On the CPU (gloo)
+#: host and device are the same.
+DEVICE_STAGE_MIN_ENTRIES = 1 << 15
+
+
+class Piece(NamedTuple):
+    """A rank's ``[m, L]`` slice of the per-task gradients and where its columns belong.
+
+    Attributes:
+        data: ``[m, L]``, row ``i`` is task ``i``'s (rank-mean) gradient on these columns.
+        segments: ``(block, start, stop)`` of the columns that count; block ``-1``: outside every
+            block (summed plainly, only checked for inf/NaN). Columns in no segment (padding) are
+            ignored.
+        params: ``(parameter index, start, stop)`` of the columns, used only to name a parameter
+            whose gradient is not finite.
+    """
+
+    data: Tensor
+    segments: Sequence[Segment]
+    params: Sequence[tuple[int, int, int]]
+
+
+class StepOutcome(NamedTuple):
+    """What :meth:`Engine.step` decided.
+
+    Attributes:
+        coefficients: ``[K, m]`` float64 on the pieces' device (all ones when ``nonfinite``).
+        nonfinite: the error naming a non-finite task gradient, or ``None``. The state was left
+            untouched when it is set.
+    """
+
+    coefficients: Tensor
+    nonfinite: NonFiniteGradientError | None
+
+
+class Engine:
+    """Steps 1-3 of a distributed GradVac step (module docstring) for one state and one model.
+
+    Args:
+        state: the :class:`~gradvac_dist.GradVacState` whose trajectory advances.
+        group: the process group the Gramians are summed over (every rank holding a piece).
+        block_sizes: the global sizes of the K blocks (rank- and world-size-independent).
+        param_names: the names of the trainable parameters, by parameter index, for errors.
+    """
+
+    __slots__ = ("block_sizes", "group", "num_blocks", "param_names", "state", "steps_driven")
+
+    def __init__(
+        self,
+        state: GradVacState,
+        group: dist.ProcessGroup | None,
+        block_sizes: tuple[int, ...],
+        param_names: Sequence[str],
+    ) -> None:
+        self.state = state
+        self.group = group
+        self.block_sizes = block_sizes
+        self.num_blocks = len(block_sizes)
+        self.param_names = list(param_names)
+        #: steps completed through this engine; equal on every rank (unlike a corrupted step count)
+        self.steps_driven = 0
+
+    def step(self, pieces: Sequence[Piece]) -> StepOutcome:
+        """Gramians of the pieces, the one all-reduce, and the coefficient stage."""
+        state, counters = self.state, self.state.counters
+        m, num_blocks = state.num_tasks, self.num_blocks
+        assert pieces, "every rank holds at least one piece (possibly with no columns)"
+        device = pieces[0].data.device
+        buf = torch.zeros(num_blocks * m * m + m, dtype=torch.float64, device=device)
+        gram = buf[: num_blocks * m * m].view(num_blocks, m, m)
+        outside = buf[num_blocks * m * m :]
+        with counters.phase("gramians"):
+            for piece in pieces:
+                partial_gramians(piece.data, piece.segments, num_blocks, out=gram)
+                for block, start, stop in piece.segments:
+                    if block < 0:
+                        outside += piece.data[:, start:stop].sum(dim=1, dtype=torch.float64)
+        with counters.phase("gramian_all_reduce"):
+            all_reduce_sum(buf, self.group, counters, "gramian_all_reduce")
+        with counters.phase("coefficients"):
+            on_host = device.type == "cpu" or num_blocks * m * m < DEVICE_STAGE_MIN_ENTRIES
+            stage = buf.cpu() if on_host else buf  # .cpu(): the step's one host synchronisation
+            if bool(torch.isfinite(stage).all()):  # identical on every rank
+                stage_gram = stage[: num_blocks * m * m].view(num_blocks, m, m)
+                result = state.trajectory.advance(stage_gram, self.block_sizes, state.config, check_inputs=False)
+                state.last_result = result
+                return StepOutcome(result.coefficients.to(device, non_blocking=True), None)
+            state.last_result = None
+            counters.calls["skipped_step"] += 1
+            coefficients = torch.ones((num_blocks, m), dtype=torch.float64, device=device)
+            return StepOutcome(coefficients, self._diagnose(pieces))
+
+    def _diagnose(self, pieces: Sequence[Piece]) -> NonFiniteGradientError:
+        """Names a task and parameter whose gradient is not finite (error path: one extra all-reduce)."""
+        m = self.state.num_tasks
+        flags = torch.zeros((m, len(self.param_names)), dtype=torch.float64, device=pieces[0].data.device)
+        for piece in pieces:
+            for index, start, stop in piece.params:
+                flags[:, index] += (~torch.isfinite(piece.data[:, start:stop])).any(dim=1).double()
+        all_reduce_sum(flags, self.group, self.state.counters, "nonfinite_diagnosis")
+        bad = flags.nonzero()
+        task, where = (int(bad[0, 0]), self.param_names[int(bad[0, 1])]) if bad.numel() else (None, None)
+        return NonFiniteGradientError(nonfinite_message(task, where, " on at least one rank"), task, where)
+
+    def finish(self, outcome: StepOutcome) -> None:
+        """After the transport has written ``.grad``: count the step, raise on non-finite, check sync."""
+        state = self.state
+        self.steps_driven += 1
+        if outcome.nonfinite is not None and state.config.on_nonfinite == "raise":
+            raise outcome.nonfinite
+        if state.check_sync_every and self.steps_driven % state.check_sync_every == 0:
+            check_in_sync(state, self.group)
+
+
+def check_in_sync(state: GradVacState, group: dist.ProcessGroup | None) -> None:
+    """Raises on every rank if the ranks' targets, generator state or step count differ (one all-reduce)."""
+    traj = state.trajectory
+    parts = {
+        "step count": torch.tensor([traj.step], dtype=torch.float64),
+        "order generator state": traj.generator.get_state(),
+    }
+    if traj.targets is not None:
+        parts["EMA targets"] = traj.targets
+    differing = differing_entries(parts, group, state.counters)
+    if differing:
+        what = "; ".join(
+            f"{name} (entry {i}: from {lo!r} to {hi!r} across ranks)" for name, (i, lo, hi) in differing.items()
+        )
+        raise RuntimeError(
+            f"GradVac ranks are out of sync after step {traj.step}: {what}. Every rank must run the same "
+            "steps with the same seed and checkpoint; restore all ranks from one checkpoint (state_dict)."
+        )
+
+
+class Driver:
+    """What drives a model's GradVac steps: the DDP hook's runtime, or the FSDP2 handle.
+
+    It holds the model weakly (dropping the model drops the link), the state, and the shared
+    :class:`Engine`. One driver per model and one per state: see :func:`attach`.
+    """
+
+    engine: Engine
+
+    def __init__(self, model: nn.Module, state: GradVacState) -> None:
+        self._model_ref = weakref.ref(model)
+        self.state = state
+
+    @property
+    def module(self) -> nn.Module:
+        """The model this driver steps (raises if it was garbage-collected)."""
+        model = self._model_ref()
+        if model is None:
+            raise RuntimeError("the model this GradVac state was bound to no longer exists.")
+        return model
+
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        return self.engine.block_sizes
+
+
+#: model -> its driver; the state holds the reverse link (``state._driver``). Weak keys, and a
+#: driver holds its model only weakly, so a registration never keeps a model alive.
+_DRIVERS: weakref.WeakKeyDictionary[nn.Module, Driver] = weakref.WeakKeyDictionary()
+
+
+def attach(model: nn.Module, driver: Driver) -> None:
+    """Links ``model`` and ``driver.state`` to ``driver``; refuses a model or a state linked elsewhere."""
+    state = driver.state
+    if state._driver is not None and state._driver is not driver:
+        raise ValueError(
+            "this GradVacState is already used by another DDP module or FSDP2 model; create one GradVacState per model."
+        )
+    if _DRIVERS.get(model, driver) is not driver:
+        raise ValueError("GradVac is already registered on this model; register once (call handle.remove() first).")
+    _DRIVERS[model] = driver
+    state._driver = driver
+
+
+def driver_of(model: nn.Module) -> Driver | None:
+    """The driver attached to ``model``, if any."""
+    return _DRIVERS.get(model)
+
+
+def detach(driver: Driver) -> None:
+    """Undoes :func:`attach` (the state can then be used with another model)."""
+    model = driver._model_ref()
+    if model is not None and _DRIVERS.get(model) is driver:
+        del _DRIVERS[model]
+    if driver.state._driver is driver:
+        driver.state._driver = None
