@@ -198,6 +198,16 @@ class _DDPRuntime(Driver):
             self.offsets.append(self.offsets[-1] + p.numel())
         self.pending: Tensor | None = None  # [m, n] local per-task sums of sync=False micro-batches
 
+    def buffer_bytes(self) -> dict[str, int]:
+        plans = self.plans.values()
+        if not plans:
+            return {}
+        scratch = [t for p in plans for t in (p.scratch, p.recv) if t is not None]
+        return {
+            "stash": sum(p.stash.numel() * p.stash.element_size() for p in plans),
+            "scratch": sum(t.numel() * t.element_size() for t in scratch),
+        }
+
     # -- driving, called by ddp_backward -------------------------------------------------------
     def begin_pass(self, task: int) -> None:
         self.task = task

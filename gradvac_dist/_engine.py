@@ -203,6 +203,10 @@ class Driver:
     def block_sizes(self) -> tuple[int, ...]:
         return self.engine.block_sizes
 
+    def buffer_bytes(self) -> dict[str, int]:
+        """Bytes of the buffers this driver keeps between steps on this rank, by kind (see the drivers)."""
+        raise NotImplementedError
+
 
 #: model -> its driver; the state holds the reverse link (``state._driver``). Weak keys, and a
 #: driver holds its model only weakly, so a registration never keeps a model alive.

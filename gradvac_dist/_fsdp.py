@@ -233,6 +233,9 @@ class FSDPGradVac(Driver):
         plan = self._plan
         return 0 if plan is None else plan.stash.numel() * plan.stash.element_size()
 
+    def buffer_bytes(self) -> dict[str, int]:
+        return {} if self._plan is None else {"stash": self.stash_bytes}
+
     def remove(self) -> None:
         """Detaches GradVac from the model (the state can then be registered elsewhere)."""
         detach(self)

@@ -236,6 +236,8 @@ class Bound(Protocol):
     @property
     def block_sizes(self) -> tuple[int, ...]: ...
 
+    def buffer_bytes(self) -> dict[str, int]: ...
+
 
 def _short(sizes: tuple[int, ...], limit: int = 6) -> str:
     if len(sizes) <= limit:
@@ -337,6 +339,15 @@ class GradVacState:
     def step(self) -> int:
         """Steps completed."""
         return self.trajectory.step
+
+    def buffer_bytes(self) -> dict[str, int]:
+        """Bytes of the buffers GradVac keeps on this rank between steps, by kind; empty before the first step.
+
+        ``"stash"``: the per-task gradients (``m n / W`` elements under DDP's sharded strategy and
+        FSDP2, ``m n`` under DDP's replicated strategy); ``"scratch"`` (DDP, sharded): the padded
+        send and receive buffers of the per-task reduce-scatter, reused by the result all-gather.
+        """
+        return {} if self._driver is None else self._driver.buffer_bytes()
 
     def __repr__(self) -> str:
         c = self.config

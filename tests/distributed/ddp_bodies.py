@@ -146,6 +146,8 @@ def run_config(
         "generator": state.trajectory.generator.get_state(),
         "calls": dict(state.counters.calls),
         "num_buckets": len(state._driver.plans),
+        "buffers": state.buffer_bytes(),
+        "numel": sum(p.numel() for p in model.parameters()),
         "step": state.step,
     }
 

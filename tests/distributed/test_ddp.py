@@ -42,6 +42,11 @@ def test_equivalence_with_core_and_lockstep(world):
             assert torch.equal(res["targets"], first["targets"]), cfg
             assert torch.equal(res["generator"], first["generator"]), cfg
         calls = first["calls"]
+        m, n, buckets, stash = 3, first["numel"], first["num_buckets"], first["buffers"]["stash"]
+        if cfg["strategy"] == "sharded":  # m n / W elements, plus at most one padding column per bucket
+            assert m * n * 8 / world <= stash <= m * (n / world + buckets) * 8, (cfg, stash)
+        else:
+            assert stash == m * n * 8 and first["buffers"]["scratch"] == 0, (cfg, first["buffers"])
         if cfg["strategy"] == "sharded":
             assert calls["task_reduce_scatter"] == steps * 3 * first["num_buckets"]
             assert calls["result_all_gather"] == steps * first["num_buckets"]
