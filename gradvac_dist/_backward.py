@@ -27,7 +27,7 @@ def backward(
     *,
     grouping: str = "whole",
     shared_params: Iterable[nn.Parameter] | None = None,
-    sync: bool = True,
+    sync: bool | None = None,
 ) -> None:
     """Computes GradVac's aggregated gradient of ``losses`` and writes it into the parameters' ``.grad``.
 

@@ -194,27 +194,35 @@ def shard_length(length: int, world: int) -> int:
     return -(-length // world)
 
 
-def differing_entries(
-    parts: dict[str, Tensor], group: dist.ProcessGroup | None, counters: CommCounters
-) -> dict[str, tuple[int, float, float]]:
-    """Which of ``parts`` differ across ranks: ``{name: (first differing index, min, max)}``.
-
-    One MAX all-reduce of ``[x, -x]`` (float64) gives every entry's maximum and minimum over the
-    ranks; an entry differs iff they differ. Every rank gets the same answer.
-    """
-    device = collective_device(group)
-    flat = [t.detach().reshape(-1).to(device=device, dtype=torch.float64) for t in parts.values()]
-    values = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64, device=device)
-    both = torch.cat([values, -values])
-    counters.record("sync_check_all_reduce", both)
+def extrema(
+    values: Tensor, group: dist.ProcessGroup | None, counters: CommCounters, name: str
+) -> tuple[Tensor, Tensor]:
+    """``(minimum, maximum)`` over the ranks of every entry of ``values`` (float64): one MAX all-reduce of
+    ``[x, -x]``. Every rank gets the same answer."""
+    flat = values.detach().reshape(-1).to(device=collective_device(group), dtype=torch.float64)
+    both = torch.cat([flat, -flat])
+    counters.record(name, both)
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-    high, low = both[: values.numel()], -both[values.numel() :]
+    return -both[flat.numel() :], both[: flat.numel()]
+
+
+def differing_entries(
+    parts: dict[str, Tensor],
+    group: dist.ProcessGroup | None,
+    counters: CommCounters,
+    name: str = "sync_check_all_reduce",
+) -> dict[str, tuple[int, float, float]]:
+    """Which of ``parts`` differ across ranks: ``{name: (first differing index, min, max)}`` (one all-reduce)."""
+    flat = [t.detach().reshape(-1).to(dtype=torch.float64, device="cpu") for t in parts.values()]
+    values = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)
+    low, high = extrema(values, group, counters, name)
+    low, high = low.cpu(), high.cpu()
     out: dict[str, tuple[int, float, float]] = {}
     start = 0
-    for name, f in zip(parts, flat):
+    for part, f in zip(parts, flat):
         diff = (high[start : start + f.numel()] != low[start : start + f.numel()]).nonzero()
         if diff.numel():
             i = int(diff[0, 0])
-            out[name] = (i, float(low[start + i]), float(high[start + i]))
+            out[part] = (i, float(low[start + i]), float(high[start + i]))
         start += f.numel()
     return out

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ._blocks import BlockLayout, Segment, combine, layout_of, segments_of_range
 from ._comm import (
+    CommCounters,
     PendingReduce,
     default_strategy,
     reduce_scatter_via_all_to_all,
@@ -34,7 +35,7 @@ from ._comm import (
     start_reduce_scatter,
     world_of,
 )
-from ._engine import Driver, Engine, Piece, StepOutcome, attach, driver_of
+from ._engine import Driver, Engine, Piece, StepOutcome, agree_on_failure, attach, driver_of
 from ._state import GradVacState
 
 __all__ = ["check_ddp_configuration", "ddp_backward", "gradvac_hook", "is_ddp"]
@@ -184,7 +185,7 @@ class _DDPRuntime(Driver):
         self.layout: BlockLayout = layout_of(ddp.module, params, state.grouping, state.shared_params)
         names = {id(p): n for n, p in ddp.module.named_parameters()}
         param_names = [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
-        self.engine = Engine(state, group, self.layout.block_sizes, param_names)
+        self.engine = Engine(state, group, self.layout, param_names, self.strategy)
         self.index_of = {id(p): (b, i) for i, (p, b) in enumerate(zip(params, self.layout.param_blocks))}
         self.plans: dict[int, _BucketPlan] = {}
         self.phase = _Phase.IDLE
@@ -236,6 +237,30 @@ class _DDPRuntime(Driver):
             for i, g in enumerate(grads):
                 if g is not None:
                     self.pending[task, self.offsets[i] : self.offsets[i + 1]].add_(g.reshape(-1))
+
+    def set_aside_grads(self) -> list[Tensor | None] | None:
+        """Takes existing ``.grad`` out of the way of the passes (a copy: with ``gradient_as_bucket_view``
+        it is a view of a bucket the passes overwrite); ``None`` when there is none, the usual case."""
+        if all(p.grad is None for p in self.params):
+            return None
+        prior = []
+        for p in self.params:
+            prior.append(None if p.grad is None else p.grad.detach().clone())
+            p.grad = None
+        return prior
+
+    def restore_grads(self, prior: list[Tensor | None] | None, add: bool) -> None:
+        """Adds the set-aside gradients to the step's (``add``), or puts them back alone (a failed step)."""
+        if prior is None:
+            return
+        with torch.no_grad():
+            for p, old in zip(self.params, prior):
+                if old is None:
+                    continue
+                if add and p.grad is not None:
+                    p.grad.add_(old)
+                else:
+                    p.grad = old
 
     def disarm(self) -> None:
         """Ends a synchronised step, finished or failed: open futures and accumulated micro-batches go."""
@@ -327,9 +352,6 @@ class _DDPRuntime(Driver):
 
 
 def _find_state(ddp: DistributedDataParallel) -> GradVacState:
-    driver = driver_of(ddp)
-    if isinstance(driver, _DDPRuntime):
-        return driver.state
     hooks = [state for hook, state in getattr(ddp, "_comm_hooks", []) if hook is gradvac_hook]
     if not hooks:
         raise ValueError(
@@ -340,6 +362,25 @@ def _find_state(ddp: DistributedDataParallel) -> GradVacState:
     if not isinstance(state, GradVacState):
         raise TypeError(f"gradvac_hook was registered with a {type(state).__name__}; pass a gradvac_dist.GradVacState.")
     return state
+
+
+def _bind(ddp: DistributedDataParallel) -> _DDPRuntime:
+    """The first step of a DDP module: finds its state, checks the configuration, attaches a runtime.
+
+    A rank that fails here still takes part in the rank agreement (see ``_agreement.py``), so that
+    every rank raises rather than some waiting in a collective for a rank that stopped.
+    """
+    state: GradVacState | None = None
+    try:
+        state = _find_state(ddp)
+        check_ddp_configuration(ddp)
+        runtime = _DDPRuntime(state, ddp)
+        attach(ddp, runtime)
+    except (ValueError, TypeError, RuntimeError) as err:
+        group = state.process_group if state is not None else None
+        agree_on_failure(err, group, state.counters if state is not None else CommCounters())
+        raise  # agree_on_failure raised already; for the type checker
+    return runtime
 
 
 def check_ddp_configuration(ddp: DistributedDataParallel) -> None:
@@ -362,30 +403,38 @@ def check_ddp_configuration(ddp: DistributedDataParallel) -> None:
         )
 
 
-def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor], sync: bool = True) -> None:
+def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor], sync: bool | None = None) -> None:
     """Runs one backward pass per task through the DDP reducer; the hook does the rest.
 
-    ``sync=False`` (inside ``ddp.no_sync()``): accumulate each task's local gradient of this
-    micro-batch, no communication; the next ``sync=True`` step adds it to its buckets.
+    Inside ``ddp.no_sync()`` (``sync`` left ``None``, or ``False``): accumulate each task's local
+    gradient of this micro-batch, no communication; the next step outside ``no_sync`` adds it to
+    its buckets. An existing ``.grad`` is kept and the aggregated gradient is added to it.
     """
-    state = _find_state(ddp)
-    check_ddp_configuration(ddp)
-    m = state.num_tasks
+    runtime = driver_of(ddp)
+    if not isinstance(runtime, _DDPRuntime):
+        runtime = _bind(ddp)
+    wrapper_sync = bool(ddp.require_backward_grad_sync)
+    sync = wrapper_sync if sync is None else sync
+    if sync:
+        runtime.engine.agree(len(losses))
+    m = runtime.state.num_tasks
     if len(losses) != m:
         raise ValueError(f"got {len(losses)} losses but GradVacState(num_tasks={m}); pass exactly one loss per task.")
-    runtime = driver_of(ddp)
-    if runtime is None:
-        runtime = _DDPRuntime(state, ddp)
-        attach(ddp, runtime)
-    assert isinstance(runtime, _DDPRuntime), "a DDP module is driven by a _DDPRuntime"
-    if not sync:
-        if ddp.require_backward_grad_sync:
+    if sync != wrapper_sync:
+        if sync:
             raise ValueError(
-                "backward(ddp, losses, sync=False) accumulates a micro-batch without communication and must run "
-                "inside `with ddp.no_sync():` (around the forward and this call), as any DDP gradient accumulation."
+                "backward(ddp, losses, sync=True) inside `with ddp.no_sync():` contradicts no_sync: leave sync unset "
+                "(it follows no_sync), and run the step that synchronises outside no_sync."
             )
+        raise ValueError(
+            "backward(ddp, losses, sync=False) accumulates a micro-batch without communication and must run "
+            "inside `with ddp.no_sync():` (around the forward and this call), as any DDP gradient accumulation."
+        )
+    if not sync:
         runtime.accumulate(losses)
         return
+    prior = runtime.set_aside_grads()
+    done = False
     try:
         for task, loss in enumerate(losses):
             runtime.begin_pass(task)
@@ -394,6 +443,8 @@ def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor], sync: b
             runtime.end_pass()
         if runtime.phase is not _Phase.DONE or runtime.outcome is None:
             raise RuntimeError("the last backward pass did not complete the GradVac step (no last bucket seen).")
-        runtime.engine.finish(runtime.outcome)
+        done = True
     finally:
         runtime.disarm()
+        runtime.restore_grads(prior, add=done)
+    runtime.engine.finish(runtime.outcome)

@@ -30,12 +30,34 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._blocks import Segment, partial_gramians
-from ._comm import all_reduce_sum, differing_entries
-from ._errors import NonFiniteGradientError, nonfinite_message
+from ._agreement import (
+    CHANNELS,
+    Kind,
+    Setting,
+    check_agreement,
+    fingerprint_agrees,
+    fingerprint_bits,
+    payload_size,
+    write_fingerprint,
+)
+from ._blocks import GROUPINGS, BlockLayout, Segment, partial_gramians
+from ._comm import STRATEGIES, CommCounters, all_reduce_sum, differing_entries, world_of
+from ._errors import ON_NONFINITE, NonFiniteGradientError, nonfinite_message
 from ._state import GradVacState
 
-__all__ = ["Driver", "Engine", "Piece", "StepOutcome", "attach", "check_in_sync", "detach", "driver_of"]
+__all__ = [
+    "AGREEMENT_ENTRIES",
+    "Driver",
+    "Engine",
+    "Piece",
+    "StepOutcome",
+    "agree_on_failure",
+    "attach",
+    "check_in_sync",
+    "detach",
+    "driver_of",
+    "settings",
+]
 
 #: Where the coefficient stage runs: on the host below this many Gramian entries (K*m*m), on the
 #: pieces' device at or above it. The stage is m-1 sequential visits of about a dozen element-wise
@@ -70,13 +92,64 @@ class StepOutcome(NamedTuple):
     """What :meth:`Engine.step` decided.
 
     Attributes:
-        coefficients: ``[K, m]`` float64 on the pieces' device (all ones when ``nonfinite``).
+        coefficients: ``[K, m]`` float64 on the pieces' device (all ones, the plain sum, when the
+            step was refused).
         nonfinite: the error naming a non-finite task gradient, or ``None``. The state was left
             untouched when it is set.
+        desync: the error saying that the ranks' trajectories differ (the per-step fingerprint),
+            or ``None``; always raised. The state was left untouched when it is set.
     """
 
     coefficients: Tensor
     nonfinite: NonFiniteGradientError | None
+    desync: RuntimeError | None = None
+
+
+#: Strategies as the rank agreement names them: DDP's two, and FSDP2's own reduce-scatter.
+_STRATEGY_NAMES = (*STRATEGIES, "fsdp2")
+
+
+def settings(
+    state: GradVacState | None,
+    strategy: str,
+    layout: BlockLayout | None,
+    param_names: Sequence[str],
+    num_losses: int,
+) -> list[Setting]:
+    """What every rank must hold identically, in a fixed order of fixed kinds (values may be placeholders)."""
+    config = state.config if state is not None else None
+    traj = state.trajectory if state is not None else None
+    acted = () if layout is None else tuple(n for n, b in zip(param_names, layout.param_blocks) if b >= 0)
+    targets = None if traj is None or traj.targets is None else traj.targets.detach().cpu()
+    return [
+        Setting("num_tasks", Kind.INT, state.num_tasks if state else 0),
+        Setting("number of losses passed to backward", Kind.INT, num_losses),
+        Setting("grouping", Kind.CHOICE, state.grouping if state else None, GROUPINGS),
+        Setting("strategy", Kind.CHOICE, strategy, _STRATEGY_NAMES),
+        Setting("beta", Kind.FLOAT, config.beta if config else 0.0),
+        Setting("eps", Kind.FLOAT, config.eps if config else 0.0),
+        Setting("seed", Kind.INT, config.seed if config else 0),
+        Setting("on_nonfinite", Kind.CHOICE, config.on_nonfinite if config else None, ON_NONFINITE),
+        Setting("check_sync_every", Kind.INT, (state.check_sync_every or 0) if state else 0),
+        Setting("trainable parameters", Kind.INT, len(param_names)),
+        Setting("trainable elements", Kind.INT, sum(layout.numels) if layout else 0),
+        Setting("parameters GradVac acts on (shared_params)", Kind.DIGEST, acted),
+        Setting("number of parameters GradVac acts on", Kind.INT, len(acted)),
+        Setting("number of blocks", Kind.INT, layout.num_blocks if layout else 0),
+        Setting("block sizes", Kind.DIGEST, layout.block_sizes if layout else ()),
+        Setting("step count", Kind.INT, traj.step if traj else 0),
+        Setting("order generator state", Kind.DIGEST, bytes(traj.generator.get_state().numpy()) if traj else b""),
+        Setting("EMA targets", Kind.DIGEST, b"" if targets is None else bytes(targets.numpy().tobytes())),
+    ]
+
+
+#: Entries of the rank-agreement payload: fixed by the code, whatever the values.
+AGREEMENT_ENTRIES = payload_size(settings(None, "sharded", None, (), 0))
+
+
+def agree_on_failure(error: BaseException, group: dist.ProcessGroup | None, counters: CommCounters) -> None:
+    """This rank could not set GradVac up: takes part in the agreement all the same, then raises ``error``."""
+    check_agreement(None, AGREEMENT_ENTRIES, group, counters, local_error=error)
 
 
 class Engine:
@@ -89,22 +162,54 @@ class Engine:
         param_names: the names of the trainable parameters, by parameter index, for errors.
     """
 
-    __slots__ = ("block_sizes", "group", "num_blocks", "param_names", "state", "steps_driven")
+    __slots__ = (
+        "agreed_generation",
+        "block_sizes",
+        "fingerprint_bits",
+        "group",
+        "layout",
+        "num_blocks",
+        "param_names",
+        "state",
+        "steps_driven",
+        "strategy",
+        "world",
+    )
 
     def __init__(
         self,
         state: GradVacState,
         group: dist.ProcessGroup | None,
-        block_sizes: tuple[int, ...],
+        layout: BlockLayout,
         param_names: Sequence[str],
+        strategy: str,
     ) -> None:
         self.state = state
         self.group = group
-        self.block_sizes = block_sizes
-        self.num_blocks = len(block_sizes)
+        self.layout = layout
+        self.block_sizes = layout.block_sizes
+        self.num_blocks = layout.num_blocks
         self.param_names = list(param_names)
+        self.strategy = strategy
+        self.world = world_of(group)[1]
+        self.fingerprint_bits = fingerprint_bits(self.world)
+        #: the trajectory generation whose agreement across ranks was proven (-1: none yet)
+        self.agreed_generation = -1
         #: steps completed through this engine; equal on every rank (unlike a corrupted step count)
         self.steps_driven = 0
+
+    def agree(self, num_losses: int, *, remember: bool = True) -> None:
+        """Proves that every rank holds the same settings and trajectory, at the first synchronising step
+        and after every ``load_state_dict`` (one small all-reduce then; nothing on other steps, nothing
+        in micro-batches that accumulate without communication). ``remember=False`` checks without
+        counting it as the step's check (at FSDP2 registration, before any loss exists)."""
+        traj = self.state.trajectory
+        if remember and self.agreed_generation == traj.generation:
+            return
+        mine = settings(self.state, self.strategy, self.layout, self.param_names, num_losses)
+        check_agreement(mine, AGREEMENT_ENTRIES, self.group, self.state.counters)
+        if remember:
+            self.agreed_generation = traj.generation
 
     def step(self, pieces: Sequence[Piece]) -> StepOutcome:
         """Gramians of the pieces, the one all-reduce, and the coefficient stage."""
@@ -112,9 +217,12 @@ class Engine:
         m, num_blocks = state.num_tasks, self.num_blocks
         assert pieces, "every rank holds at least one piece (possibly with no columns)"
         device = pieces[0].data.device
-        buf = torch.zeros(num_blocks * m * m + m, dtype=torch.float64, device=device)
+        size = num_blocks * m * m + m
+        buf = torch.zeros(size + 2 * CHANNELS, dtype=torch.float64, device=device)
         gram = buf[: num_blocks * m * m].view(num_blocks, m, m)
-        outside = buf[num_blocks * m * m :]
+        outside = buf[num_blocks * m * m : size]
+        traj = state.trajectory
+        write_fingerprint(buf[size:], traj.targets, traj.generator, traj.step, self.fingerprint_bits)
         with counters.phase("gramians"):
             for piece in pieces:
                 partial_gramians(piece.data, piece.segments, num_blocks, out=gram)
@@ -125,16 +233,31 @@ class Engine:
             all_reduce_sum(buf, self.group, counters, "gramian_all_reduce")
         with counters.phase("coefficients"):
             on_host = device.type == "cpu" or num_blocks * m * m < DEVICE_STAGE_MIN_ENTRIES
-            stage = buf.cpu() if on_host else buf  # .cpu(): the step's one host synchronisation
-            if bool(torch.isfinite(stage).all()):  # identical on every rank
+            stage = buf.cpu() if on_host else buf
+            checks = torch.stack([torch.isfinite(stage[:size]).all(), fingerprint_agrees(stage[size:], self.world)])
+            finite, in_sync = checks.tolist()  # the step's one host synchronisation; identical on every rank
+            if finite and in_sync:
                 stage_gram = stage[: num_blocks * m * m].view(num_blocks, m, m)
-                result = state.trajectory.advance(stage_gram, self.block_sizes, state.config, check_inputs=False)
+                result = traj.advance(stage_gram, self.block_sizes, state.config, check_inputs=False)
                 state.last_result = result
                 return StepOutcome(result.coefficients.to(device, non_blocking=True), None)
             state.last_result = None
             counters.calls["skipped_step"] += 1
             coefficients = torch.ones((num_blocks, m), dtype=torch.float64, device=device)
+            if not in_sync:
+                return StepOutcome(coefficients, None, self._desync())
             return StepOutcome(coefficients, self._diagnose(pieces))
+
+    def _desync(self) -> RuntimeError:
+        """The fingerprints differ: names what differs (error path: one extra all-reduce)."""
+        try:
+            check_in_sync(self.state, self.group)
+        except RuntimeError as err:
+            return err
+        return RuntimeError(
+            "GradVac ranks hold different trajectories (their per-step fingerprints differ), although the full "
+            "comparison found no difference; restore all ranks from one checkpoint (state_dict)."
+        )
 
     def _diagnose(self, pieces: Sequence[Piece]) -> NonFiniteGradientError:
         """Names a task and parameter whose gradient is not finite (error path: one extra all-reduce)."""
@@ -152,6 +275,8 @@ class Engine:
         """After the transport has written ``.grad``: count the step, raise on non-finite, check sync."""
         state = self.state
         self.steps_driven += 1
+        if outcome.desync is not None:
+            raise outcome.desync
         if outcome.nonfinite is not None and state.config.on_nonfinite == "raise":
             raise outcome.nonfinite
         if state.check_sync_every and self.steps_driven % state.check_sync_every == 0:

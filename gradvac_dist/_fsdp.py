@@ -44,7 +44,8 @@ from torch.distributed.tensor import DTensor
 
 from ._blocks import BlockLayout, Segment, combine, layout_of
 from ._checks import check_losses, reject_fsdp1
-from ._engine import Driver, Engine, Piece, attach, detach, driver_of
+from ._comm import CommCounters
+from ._engine import Driver, Engine, Piece, agree_on_failure, attach, detach, driver_of
 from ._state import GradVacState, from_plain, to_plain
 
 __all__ = ["FSDPGradVac", "fsdp_backward", "is_fsdp2", "register_fsdp"]
@@ -79,6 +80,19 @@ def register_fsdp(model: nn.Module, state: GradVacState, *, reshard_between_pass
         ValueError: FSDP1, a model not sharded with ``fully_shard``, unsharded or non-DTensor
             trainable parameters, a multi-dimensional (HSDP) mesh, a state or model registered twice.
     """
+    # Registration proves rank agreement (one small all-reduce): a rank that fails here takes part
+    # all the same, so every rank raises rather than some waiting for it in FSDP's collectives.
+    try:
+        handle = _register(model, state, bool(reshard_between_passes))
+    except (ValueError, TypeError, RuntimeError) as err:
+        counters = state.counters if isinstance(state, GradVacState) else CommCounters()
+        agree_on_failure(err, _group_for_failure(model, state), counters)
+        raise  # agree_on_failure raised already; for the type checker
+    handle.engine.agree(0, remember=False)
+    return handle
+
+
+def _register(model: nn.Module, state: GradVacState, reshard_between_passes: bool) -> FSDPGradVac:
     reject_fsdp1(model)
     if not is_fsdp2(model):
         raise ValueError(
@@ -99,9 +113,19 @@ def register_fsdp(model: nn.Module, state: GradVacState, *, reshard_between_pass
             f"GradVacState(strategy={state.strategy!r}) is a DDP setting; under FSDP2 each task's gradient is always "
             "reduce-scattered by FSDP. Leave strategy=None."
         )
-    handle = FSDPGradVac(model, state, reshard_between_passes=bool(reshard_between_passes))
+    handle = FSDPGradVac(model, state, reshard_between_passes=reshard_between_passes)
     attach(model, handle)
     return handle
+
+
+def _group_for_failure(model: nn.Module, state: Any) -> dist.ProcessGroup | None:
+    """The group the other ranks will agree in: the state's, else the first sharded parameter's mesh."""
+    if isinstance(state, GradVacState) and state.process_group is not None:
+        return state.process_group
+    for p in model.parameters():
+        if isinstance(p, DTensor) and p.device_mesh.ndim == 1:
+            return p.device_mesh.get_group(0)
+    return None
 
 
 @dataclass
@@ -217,7 +241,7 @@ class FSDPGradVac(Driver):
             )
         self.layout: BlockLayout = layout_of(model, params, state.grouping, state.shared_params)
         # block sizes are global: rank- and world-size-independent, checked on every step and load
-        self.engine = Engine(state, mesh_group, self.layout.block_sizes, self.param_names)
+        self.engine = Engine(state, mesh_group, self.layout, self.param_names, "fsdp2")
 
     # -- identity ------------------------------------------------------------------------------------
     @property
@@ -268,9 +292,13 @@ class FSDPGradVac(Driver):
         self.state.load_state_dict(loaded)
 
     # -- the step ----------------------------------------------------------------------------------
-    def backward(self, losses: Sequence[Tensor], sync: bool = True) -> None:
+    def backward(self, losses: Sequence[Tensor], sync: bool | None = None) -> None:
         """One GradVac step on the model (see the class docstring); ``gradvac_dist.backward`` calls this."""
         state, m = self.state, self.state.num_tasks
+        losses = check_losses(losses)
+        sync = True if sync is None else bool(sync)
+        if sync:
+            self.engine.agree(len(losses))
         losses = check_losses(losses, m)
         model = self.module
         root = _root_state(model)
@@ -541,7 +569,7 @@ def _root_state(model: nn.Module) -> Any:
     return root
 
 
-def fsdp_backward(model: nn.Module, losses: Sequence[Tensor], sync: bool = True) -> None:
+def fsdp_backward(model: nn.Module, losses: Sequence[Tensor], sync: bool | None = None) -> None:
     """``gradvac_dist.backward`` for an FSDP2 model: finds the registered handle and runs its step."""
     handle = driver_of(model)
     if not isinstance(handle, FSDPGradVac):

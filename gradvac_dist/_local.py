@@ -51,7 +51,7 @@ def local_backward(
     aggregator: GradVac | None,
     grouping: str,
     shared_params: Iterable[nn.Parameter] | None,
-    sync: bool,
+    sync: bool | None,
 ) -> None:
     """``gradvac_dist.backward`` on a plain module (see there); ``losses`` are already checked."""
     if not isinstance(aggregator, GradVac):
@@ -64,7 +64,7 @@ def local_backward(
         raise ValueError("the model has no parameter with requires_grad=True.")
     layout = layout_of(model, params, grouping, shared_params)
     jac = task_jacobian(losses, params)
-    jac = aggregator._accumulate(jac, params, sync)
+    jac = aggregator._accumulate(jac, params, sync is not False)
     if jac is None:
         return
     try:

@@ -83,11 +83,11 @@ def scaler_body(rank, world, scale, eps):
     return results
 
 
-def desync_body(rank, world):
-    """The optional guard catches ranks whose targets drifted apart, naming what differs."""
+def desync_body(rank, world, check_sync_every=None):
+    """Ranks whose targets drifted apart are caught at the next step, naming what differs."""
     model = make_model()
     ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=0.002)
-    state = GradVacState(num_tasks=M, check_sync_every=2)
+    state = GradVacState(num_tasks=M, check_sync_every=check_sync_every)
     ddp.register_comm_hook(state, gradvac_hook)
     errors = []
     for step in range(4):
