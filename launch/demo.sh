@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
-exec .venv/bin/python -m gradvac_dist.demo "$@"
+exec .venv/bin/python -m examples.demo "$@"

@@ -1,6 +1,6 @@
 """The report's PNG figures (matplotlib, Agg canvas: no display, no pyplot state).
 
-Each ``draw_*`` takes the :class:`~gradvac_dist.bench.report.Results` of a run and a path.
+Each ``draw_*`` takes the :class:`~benchmarks.report.Results` of a run and a path.
 """
 
 from __future__ import annotations

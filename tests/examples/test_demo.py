@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradvac_dist.demo import data as demo_data
-from gradvac_dist.demo import options
+from examples.demo import data as demo_data
+from examples.demo import options
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -82,7 +82,7 @@ def _check_outputs(out_dir: Path, stdout: str, tasks: list[str], steps: int, wor
 def test_demo_end_to_end_tiny(tmp_path):
     out_dir = tmp_path / "demo"
     args = ["--tasks", "4", "--grouping", "module", "--steps", "6", "--hidden", "16", "--batch-size", "8"]
-    result = _run(["-m", "gradvac_dist.demo", *args, "--out", str(out_dir)])
+    result = _run(["-m", "examples.demo", *args, "--out", str(out_dir)])
     assert result.returncode == 0, result.stderr
     _check_outputs(out_dir, result.stdout, ["left", "right", "parity", "mod3"], steps=6, world_size=2)
     assert "demo finished in" in result.stdout
@@ -94,13 +94,13 @@ def test_demo_under_external_torchrun(tmp_path):
     torchrun = ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", "127.0.0.1:0", "--local-addr", "127.0.0.1"]  # fmt: skip
     args = ["--steps", "3", "--hidden", "16", "--batch-size", "8", "--no-progress", "--out", str(out_dir)]
-    result = _run([*torchrun, "-m", "gradvac_dist.demo.train", *args])
+    result = _run([*torchrun, "-m", "examples.demo.train", *args])
     assert result.returncode == 0, result.stderr
     _check_outputs(out_dir, result.stdout, ["left", "right", "parity"], steps=3, world_size=2)
 
 
 def test_impossible_option_stops_before_any_process_starts(tmp_path):
-    result = _run(["-m", "gradvac_dist.demo", "--tasks", "1", "--out", str(tmp_path / "x")], timeout=60)
+    result = _run(["-m", "examples.demo", "--tasks", "1", "--out", str(tmp_path / "x")], timeout=60)
     assert result.returncode == 2
     assert "--tasks must be between 2 and 6" in result.stderr
     assert not (tmp_path / "x").exists()

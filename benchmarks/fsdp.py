@@ -1,8 +1,8 @@
 """Benchmark: GradVac under FSDP2 against the same m-pass FSDP step without it.
 
-    python -m gradvac_dist.bench.fsdp                 # 2 spawned gloo ranks on 127.0.0.1 (about a minute)
-    python -m gradvac_dist.bench.fsdp --quick         # smoke run, a few seconds of timing
-    torchrun --nproc_per_node 2 -m gradvac_dist.bench.fsdp      # under torchrun (CUDA + NCCL when present)
+    python -m benchmarks fsdp                 # 2 spawned gloo ranks on 127.0.0.1 (about a minute)
+    python -m benchmarks fsdp --quick         # smoke run, a few seconds of timing
+    torchrun --nproc_per_node 2 -m benchmarks fsdp      # under torchrun (CUDA + NCCL when present)
 
 Every variant trains its own copy of the same residual multi-task MLP, sharded with ``fully_shard``
 (each encoder block, then the root), on the same data; the variants run interleaved, a few steps
@@ -143,7 +143,7 @@ class _Counter:
 
 
 def _param_groups(model: nn.Module) -> list[Any]:
-    from .._fsdp import _param_groups_of
+    from gradvac_dist._fsdp import _param_groups_of
 
     return _param_groups_of(model)
 
@@ -455,7 +455,7 @@ def report(cfg: Config, results: list[dict[str, Any]], device: str) -> tuple[str
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the FSDP2 benchmark and prints its report; returns 0 (1 if the time goal is missed with --strict)."""
-    ap = argparse.ArgumentParser(prog="python -m gradvac_dist.bench.fsdp", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks fsdp", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small model, few steps (a smoke run)")
     ap.add_argument("--world", type=int, default=2, help="spawned gloo ranks (ignored under torchrun)")
     ap.add_argument("--tasks", type=int, default=3)

@@ -24,9 +24,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .._aggregator import GradVac
-from .._blocks import combine, contiguous_segments, partial_gramians
-from .._step import draw_order, gradvac_step
+from gradvac_dist import GradVac, draw_order, gradvac_step
+from gradvac_dist._blocks import combine, contiguous_segments, partial_gramians
+
 from ._timing import Report, Table, Timing, fmt_ms, fmt_ratio, machine_line, pass_fail, time_interleaved, time_ms
 
 __all__ = [

@@ -1,13 +1,13 @@
-"""Smoke test of the benchmarks (``python -m gradvac_dist.bench core --quick``) and their baseline."""
+"""Smoke test of the benchmarks (``python -m benchmarks core --quick``) and their baseline."""
 
 from __future__ import annotations
 
 import torch
 
+from benchmarks.__main__ import main
+from benchmarks._timing import Table
+from benchmarks.core import QUICK_CASES, PlainLoopGradVac
 from gradvac_dist import draw_order
-from gradvac_dist.bench.__main__ import main
-from gradvac_dist.bench._timing import Table
-from gradvac_dist.bench.core import QUICK_CASES, PlainLoopGradVac
 from tests.reference import gradvac_reference
 
 
@@ -63,4 +63,4 @@ def test_dispatch_reaches_the_distributed_benchmarks(capsys):
         with pytest.raises(SystemExit) as info:
             main([name, "--help"])
         assert info.value.code == 0
-        assert f"gradvac_dist.bench.{name}" in capsys.readouterr().out
+        assert f"python -m benchmarks {name}" in capsys.readouterr().out

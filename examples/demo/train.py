@@ -1,14 +1,14 @@
 """One process of the demo's distributed training; every rank runs this, rank 0 reports.
 
-Started by the demo's own launcher (``python -m gradvac_dist.demo``), or directly by::
+Started by the demo's own launcher (``python -m examples.demo``), or directly by::
 
-    torchrun --nproc_per_node 2 -m gradvac_dist.demo.train [options]
+    torchrun --nproc_per_node 2 -m examples.demo.train [options]
     accelerate launch --multi_gpu --num_processes 2 --main_process_ip 127.0.0.1 \\
-        --main_process_port 29500 -m gradvac_dist.demo.train [options]
+        --main_process_port 29500 -m examples.demo.train [options]
 
 (``accelerate launch`` on a CPU machine starts the processes with ``--multi_gpu``; the demo uses
 plain ``torch.distributed`` with the launcher's environment, so no Accelerator object is needed.)
-Run without a launcher, it starts one itself, as ``python -m gradvac_dist.demo`` does.
+Run without a launcher, it starts one itself, as ``python -m examples.demo`` does.
 
 Each method trains a freshly seeded model (same initial weights), on the same batches: a
 ``DistributedSampler`` with the same seed, epoch by epoch. The GradVac run wraps the model in
@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, TensorDataset
 
-from .. import GradVacState, backward, gradvac_hook
+from gradvac_dist import GradVacState, backward, gradvac_hook
+
 from .data import TaskData, load
 from .options import parse_args
 
@@ -180,7 +181,7 @@ def train_method(
 
 def main(argv: list[str] | None = None) -> int:
     env = launcher_env()
-    if env is None:  # not under a launcher: start one, as `python -m gradvac_dist.demo` does
+    if env is None:  # not under a launcher: start one, as `python -m examples.demo` does
         from .launch import launch
 
         return launch(argv)

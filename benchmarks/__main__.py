@@ -1,9 +1,9 @@
 """Command line of the benchmarks.
 
-    python -m gradvac_dist.bench core [--quick] [--threads N] [--markdown PATH]
-    python -m gradvac_dist.bench ddp  [--quick] [--markdown PATH] ...   (2 gloo ranks)
-    python -m gradvac_dist.bench fsdp [--quick] ...                      (2 gloo ranks)
-    python -m gradvac_dist.bench report [--quick] [--out DIR]            (all of them + sweeps)
+    python -m benchmarks core [--quick] [--threads N] [--markdown PATH]
+    python -m benchmarks ddp  [--quick] [--markdown PATH] ...   (2 gloo ranks)
+    python -m benchmarks fsdp [--quick] ...                      (2 gloo ranks)
+    python -m benchmarks report [--quick] [--out DIR]            (all of them + sweeps)
 
 Each prints medians side by side from one run, their ratios, and PASS/FAIL against its goals;
 ``report`` runs every benchmark and sweeps over m, n and W, and writes DIR/report.md and PNG plots.
@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _core_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m gradvac_dist.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="benchmark", required=True, help="core, ddp, fsdp or report")
     core_parser = sub.add_parser("core", help="single-process GradVac vs plain loop, summation and TorchJD")

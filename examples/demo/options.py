@@ -7,12 +7,13 @@ import math
 import os
 from collections.abc import Sequence
 
-from .._blocks import GROUPINGS
+from gradvac_dist import GROUPINGS
+
 from .data import NUM_TRAIN, TASKS
 
 __all__ = ["build_parser", "parse_args", "resolve_backend"]
 
-PROG = "python -m gradvac_dist.demo"
+PROG = "python -m examples.demo"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark report (``python -m gradvac_dist.bench report --quick``), < 60 s.
+"""Smoke test of the benchmark report (``python -m benchmarks report --quick``), < 60 s.
 
 It runs every benchmark at smoke sizes (core in-process, DDP and FSDP on spawned gloo ranks) and
 checks that report.md, results.json and every PNG are written and parse; the numbers are not judged.
@@ -12,7 +12,7 @@ import struct
 
 import pytest
 
-from gradvac_dist.bench.__main__ import main
+from benchmarks.__main__ import main
 
 pytest.importorskip("matplotlib")
 
@@ -32,7 +32,7 @@ def test_report_quick_writes_markdown_json_and_plots(tmp_path, capsys):
 
     text = (out / "report.md").read_text()
     assert text.startswith("# gradvac_dist benchmark report")
-    assert f"python -m gradvac_dist.bench report --quick --out {out}" in text
+    assert f"python -m benchmarks report --quick --out {out}" in text
     for needle in ("Machine: `machine: ", "cores", "torch ", "gloo", "Load average", "oversubscribes"):
         assert needle in text
     for heading in ("## Sweeps over m, n and W", "## Memory per rank", "## FSDP2", "## Core (single process)"):

@@ -1,11 +1,11 @@
-"""Smoke test of the FSDP2 benchmark (``python -m gradvac_dist.bench.fsdp --quick``): it runs, prints
+"""Smoke test of the FSDP2 benchmark (``python -m benchmarks fsdp --quick``): it runs, prints
 every variant, and its counts show what the design promises (not a timed test)."""
 
 from __future__ import annotations
 
 import re
 
-from gradvac_dist.bench.fsdp import LABELS, main
+from benchmarks.fsdp import LABELS, main
 
 
 def test_quick_run_prints_ratios_counts_and_memory(capsys):

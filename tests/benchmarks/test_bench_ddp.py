@@ -1,10 +1,10 @@
-"""Smoke test of the DDP benchmark (``python -m gradvac_dist.bench.ddp --quick``), < 30 s."""
+"""Smoke test of the DDP benchmark (``python -m benchmarks ddp --quick``), < 30 s."""
 
 from __future__ import annotations
 
 import re
 
-from gradvac_dist.bench.ddp import LABELS, formula_bytes, main, ring_bytes
+from benchmarks.ddp import LABELS, formula_bytes, main, ring_bytes
 
 
 def test_quick_run_prints_the_table_and_writes_markdown(tmp_path, capsys):

@@ -4,18 +4,18 @@ Run it (2 processes, gloo on CPU, NCCL when there is a GPU per process; about ha
 2 CPU cores)::
 
     bash launch/demo.sh [options]            # sets up .venv first, then the line below
-    python -m gradvac_dist.demo [options]    # starts the processes itself, through torchrun
+    python -m examples.demo [options]    # starts the processes itself, through torchrun
 
 or under a launcher of your own (the processes read RANK / WORLD_SIZE from it)::
 
-    torchrun --nproc_per_node 2 -m gradvac_dist.demo.train [options]
+    torchrun --nproc_per_node 2 -m examples.demo.train [options]
     accelerate launch --multi_gpu --num_processes 2 --main_process_ip 127.0.0.1 \\
-        --main_process_port 29500 -m gradvac_dist.demo.train [options]
+        --main_process_port 29500 -m examples.demo.train [options]
 
 (``--multi_gpu`` is how accelerate 1.x starts several processes, on CPU as well; ``--cpu`` is not
 needed, the demo picks its backend itself.)
 
-Data (:mod:`gradvac_dist.demo.data`): pairs of scikit-learn's bundled 8x8 digits side by side;
+Data (:mod:`examples.demo.data`): pairs of scikit-learn's bundled 8x8 digits side by side;
 tasks: left digit, right digit, parity of their sum (a task that conflicts with the other two),
 then, with ``--tasks`` up to 6: sum mod 3, left > right, sum >= 10. A fixed train / held-out split,
 held-out pairs made of unseen images. Model: a shared two-layer MLP trunk, one linear head per task.
@@ -26,7 +26,7 @@ the same seed). GradVac runs through ``DistributedDataParallel`` with
 
 Outputs (``--out``, default ``runs/demo``): ``metrics.jsonl`` (one line per step and method: task
 losses, and for GradVac the per-pair cosines, EMA targets and corrected fractions; see
-:mod:`gradvac_dist.demo.report`), ``summary.json`` (configuration, held-out accuracy, time per step)
+:mod:`examples.demo.report`), ``summary.json`` (configuration, held-out accuracy, time per step)
 and ``demo.png``; the table of held-out accuracy and wall time per step is printed at the end.
-Options: ``python -m gradvac_dist.demo --help``.
+Options: ``python -m examples.demo --help``.
 """

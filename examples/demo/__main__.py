@@ -1,7 +1,7 @@
-"""``python -m gradvac_dist.demo [options]``: the one-command demo (see :mod:`gradvac_dist.demo`).
+"""``python -m examples.demo [options]``: the one-command demo (see :mod:`examples.demo`).
 
 Started by hand, it launches the training processes through torchrun; started by a launcher
-(``RANK`` is set: ``torchrun -m gradvac_dist.demo``, ``accelerate launch -m gradvac_dist.demo``),
+(``RANK`` is set: ``torchrun -m examples.demo``, ``accelerate launch -m examples.demo``),
 it is one of those processes.
 """
 

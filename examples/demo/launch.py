@@ -17,7 +17,7 @@ from .options import parse_args
 
 __all__ = ["launch", "torchrun_args"]
 
-TRAIN_MODULE = "gradvac_dist.demo.train"
+TRAIN_MODULE = "examples.demo.train"
 
 
 def torchrun_args(world_size: int, argv: Sequence[str]) -> list[str]:
@@ -57,7 +57,7 @@ def launch(argv: Sequence[str] | None = None) -> int:
         codes = sorted({f.exitcode for f in e.failures.values()})
         ranks = sorted(e.failures)
         print(
-            f"gradvac_dist.demo: training process(es) {ranks} failed (exit code {codes}); see the error above.",
+            f"examples.demo: training process(es) {ranks} failed (exit code {codes}); see the error above.",
             file=sys.stderr,
         )
         return next((c for c in codes if c > 0), 1)

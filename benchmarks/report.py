@@ -1,6 +1,6 @@
 """The benchmark report: every benchmark (core, DDP, FSDP) and sweeps over m, n and W, in one command.
 
-    python -m gradvac_dist.bench report [--quick] [--out DIR]      (default DIR: runs/bench)
+    python -m benchmarks report [--quick] [--out DIR]      (default DIR: runs/bench)
 
 Writes ``DIR/report.md`` (the machine, the command, markdown tables), ``DIR/results.json`` (every
 number behind it) and PNG plots next to them:
@@ -13,8 +13,8 @@ number behind it) and PNG plots next to them:
   ``m n`` and ``m n / W``, and the peak resident set each variant adds;
 - ``core.png``: the single-process core benchmark; ``fsdp.png``: the FSDP2 benchmark.
 
-Runs reuse the benchmarks' own functions (:func:`gradvac_dist.bench.core.run`,
-:func:`gradvac_dist.bench.ddp.run`, :func:`gradvac_dist.bench.fsdp.run`): one group of spawned
+Runs reuse the benchmarks' own functions (:func:`benchmarks.core.run`,
+:func:`benchmarks.ddp.run`, :func:`benchmarks.fsdp.run`): one group of spawned
 gloo ranks per world size runs all of that size's configurations one after the other. The full
 run takes about ten minutes on 2 cores; ``--quick`` (small sizes, few steps) under a minute, for
 smoke tests: its numbers say nothing.
@@ -51,7 +51,7 @@ DDP_SHORT = {
 
 @dataclass(frozen=True)
 class Size:
-    """An MLP of :class:`gradvac_dist.bench.ddp.MultiTaskMLP` (n depends a little on m: one head per task)."""
+    """An MLP of :class:`benchmarks.ddp.MultiTaskMLP` (n depends a little on m: one head per task)."""
 
     in_dim: int
     hidden: int
@@ -406,7 +406,7 @@ def _fsdp_table(results: Results) -> Table:
 
 def _command(p: Plan, out: Path, threads: int) -> str:
     return (
-        f"python -m gradvac_dist.bench report{' --quick' if p.quick else ''}"
+        f"python -m benchmarks report{' --quick' if p.quick else ''}"
         f"{f' --threads {threads}' if threads != 1 else ''} --out {out}"
     )
 
@@ -486,9 +486,9 @@ def write_report(results: Results, out: Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m gradvac_dist.bench report``: runs everything, writes the report; returns 0."""
+    """``python -m benchmarks report``: runs everything, writes the report; returns 0."""
     ap = argparse.ArgumentParser(
-        prog="python -m gradvac_dist.bench report",
+        prog="python -m benchmarks report",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

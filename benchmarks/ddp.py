@@ -1,8 +1,8 @@
 """DDP benchmark: GradVac-DDP against DDP baselines on 2 gloo ranks (127.0.0.1).
 
-    python -m gradvac_dist.bench.ddp               # full run (about half a minute on 2 idle cores)
-    python -m gradvac_dist.bench.ddp --quick       # smoke run, < 30 s
-    python -m gradvac_dist.bench.ddp --markdown bench_ddp.md --profile
+    python -m benchmarks ddp               # full run (about half a minute on 2 idle cores)
+    python -m benchmarks ddp --quick       # smoke run, < 30 s
+    python -m benchmarks ddp --markdown bench_ddp.md --profile
 
 Side by side in one run (one process group; the variants interleaved round by round so that a
 shared machine's load drifts over all of them alike), m=3 tasks, an MLP of about 2.4M parameters
@@ -14,7 +14,7 @@ steps of the slowest rank's step time (forward, backward pass(es), SGD step) for
   (b) plain DDP on the summed loss, one backward pass;
   (c) a naive distributed GradVac: local per-task gradients without DDP (m ``autograd.grad``
       passes), ``all_gather`` of every rank's ``[m, n]`` matrix, rank mean, then LibMTL's per-pair
-      vector loop (:class:`gradvac_dist.bench.core.PlainLoopGradVac`) on every rank;
+      vector loop (:class:`benchmarks.core.PlainLoopGradVac`) on every rank;
   (d) GradVac-DDP, strategy ``"replicated"`` and (e) ``"sharded"`` (:func:`gradvac_dist.gradvac_hook`).
 
 Goal: a GradVac-DDP step <= 1.15x (a). Bytes each rank sends per step, three ways: the payload
@@ -41,8 +41,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import GradVacState, gradvac_hook
-from .. import backward as gradvac_backward
+from gradvac_dist import GradVacState, gradvac_hook
+from gradvac_dist import backward as gradvac_backward
+
 from ._spawn import spawn_configs
 from ._timing import Report, Table, machine_line, pass_fail, release_and_reset_peak, rss_bytes
 from .core import PlainLoopGradVac
@@ -276,7 +277,7 @@ class _Profiler:
         setattr(owner, name, timed)
 
     def install(self) -> None:
-        from .. import _ddp, _state
+        from gradvac_dist import _ddp, _state
 
         self._wrap(_ddp._DDPRuntime, "on_bucket", "hook")  # every bucket of every pass, finish_step included
         self._wrap(_ddp._DDPRuntime, "_finish_step", "finish_step")
@@ -634,7 +635,7 @@ def _report(cfg: Config, results: list[dict[str, Any]], elapsed: float) -> tuple
 
 
 def _parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
-    ap = argparse.ArgumentParser(prog="python -m gradvac_dist.bench.ddp", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks ddp", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run (< 30 s): 5 timed steps, too few for a report")
     ap.add_argument("--steps", type=int, help="timed steps per variant (default 20; >= 10 for a report)")
     ap.add_argument("--warmup", type=int, help="untimed steps per variant after the check steps (default 2)")
