@@ -6,10 +6,16 @@ import re
 
 from benchmarks.ddp import LABELS, formula_bytes, main, ring_bytes
 
+PROFILE = re.compile(
+    r"profile rank 0, (\(.\)) .*: total ([0-9.]+); hook ([0-9.]+) = per-pass work ([0-9.-]+) \+ step ([0-9.]+) "
+    r"\(waits on task reductions ([0-9.-]+), Gramians ([0-9.]+), Gramian all-reduce ([0-9.]+), "
+    r"coefficients ([0-9.]+), combine[ +a-z-]* ([0-9.]+)\)"
+)
+
 
 def test_quick_run_prints_the_table_and_writes_markdown(tmp_path, capsys):
     markdown = tmp_path / "ddp.md"
-    assert main(["--quick", "--markdown", str(markdown)]) == 0
+    assert main(["--quick", "--profile", "--markdown", str(markdown)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("machine: ")
     for label in LABELS.values():
@@ -22,6 +28,14 @@ def test_quick_run_prints_the_table_and_writes_markdown(tmp_path, capsys):
         assert float(diff) < 1e-3 and int(corrections) > 0
     assert "gramian_all_reduce 1, task_all_reduce 3" in out
     assert "gramian_all_reduce 1, result_all_gather 1, task_reduce_scatter 3" in out
+    assert "DDP buckets: 1 (bucket_cap_mb=25)" in out
+    # The library's phase clocks (counters.timing): every phase ran, and the nested ones fit in their parent.
+    profiles = PROFILE.findall(out)
+    assert [p[0] for p in profiles] == ["(d)", "(e)"], out
+    for _, *numbers in profiles:
+        total, hook, per_pass, step, waits, *inner = map(float, numbers)
+        assert total >= hook >= step > 0 and all(t > 0 for t in inner)
+        assert per_pass >= -0.01 and waits >= -0.01  # printed to 0.01 ms: a parent minus its parts
 
     rows = [line for line in markdown.read_text().splitlines() if line.startswith("| (")]
     assert len(rows) == 5
