@@ -20,7 +20,9 @@ steps of the slowest rank's step time (forward, backward passes, optimizer step)
 Goal: (d) <= 1.10x (a). Memory per rank: the stash GradVac allocates against ``m * n/W``
 elements, and the peak resident set (``resource.getrusage``; torch's CPU allocator is not
 tracked otherwise) or, on CUDA, ``torch.cuda.max_memory_allocated``, of (a) then (d) on one model.
-Collectives per step are counted by wrapping ``torch.distributed``'s functions in each rank.
+Collectives per step are counted in each rank by ``torch.distributed.tensor.debug.CommDebugMode``
+(public: it sees every c10d collective through the dispatcher, FSDP2's all-gathers and
+reduce-scatters and GradVac's all-reduce alike), around one untimed step of each variant.
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ import resource
 import statistics
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 from ._spawn import spawn_configs
 from ._timing import release_and_reset_peak, rss_bytes
@@ -52,14 +57,7 @@ LABELS = {
     "c": "(c) FSDP on summed loss",
     "d": "(d) GradVac-FSDP",
 }
-COLLECTIVES = (
-    "all_gather_single",
-    "all_gather_into_tensor",
-    "all_gather",
-    "reduce_scatter_single",
-    "reduce_scatter_tensor",
-    "all_reduce",
-)
+KINDS = ("all_gather", "reduce_scatter", "all_reduce")
 
 
 @dataclass
@@ -82,9 +80,8 @@ class Config:
 @dataclass
 class RankResult:
     times: dict[str, list[float]] = field(default_factory=dict)  # seconds per timed step
-    calls: dict[str, dict[str, float]] = field(default_factory=dict)  # per step: collective -> count
+    calls: dict[str, dict[str, float]] = field(default_factory=dict)  # per step: kind (KINDS, ...) -> count
     n: int = 0
-    local_numel: int = 0
     stash_bytes: int = 0
     element_size: int = 4
     peak_a: float = 0.0  # bytes: RSS peak (CPU) or CUDA max allocated, after (a)
@@ -114,38 +111,24 @@ def _losses(outs: list[Tensor], ys: Tensor) -> list[Tensor]:
     return [((out - y) ** 2).mean() for out, y in zip(outs, ys)]
 
 
-class _Counter:
-    """Counts the c10d calls of this process (FSDP2 goes through ``dist.*_single``)."""
+def _counted_step(step: Callable[[], None]) -> dict[str, float]:
+    """Runs ``step()`` and returns the c10d collectives it issued on this rank, by kind."""
+    from torch.distributed.tensor.debug import CommDebugMode
 
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-        self._saved: list[tuple[str, Any]] = []
-        for name in COLLECTIVES:
-            original = getattr(dist, name, None)
-            if original is not None:
-                self._saved.append((name, original))
-                setattr(dist, name, self._wrap(name, original))
-
-    def _wrap(self, name: str, original: Any) -> Any:
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self.counts[name] = self.counts.get(name, 0) + 1
-            return original(*args, **kwargs)
-
-        return counted
-
-    def take(self) -> dict[str, int]:
-        out, self.counts = self.counts, {}
-        return out
-
-    def uninstall(self) -> None:
-        for name, original in self._saved:
-            setattr(dist, name, original)
-
-
-def _param_groups(model: nn.Module) -> list[Any]:
-    from gradvac_dist._fsdp import _param_groups_of
-
-    return _param_groups_of(model)
+    mode = CommDebugMode()
+    with warnings.catch_warnings():
+        # CommDebugMode's module tracker installs backward hooks on every module: the models' inputs need
+        # no grad and their outputs are lists, which torch warns about here and only here
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        warnings.filterwarnings("ignore", message="For backward hooks to be called")
+        with mode:
+            step()
+    counts: dict[str, float] = {}
+    for op, count in mode.get_comm_counts().items():
+        name = str(op).rsplit(".", 1)[-1].replace("_", "")  # e.g. c10d._allgather_base_ -> allgatherbase
+        kind = next((k for k in KINDS if k.replace("_", "") in name), str(op))
+        counts[kind] = counts.get(kind, 0.0) + count
+    return counts
 
 
 def _bench_state(cfg: Config) -> Any:
@@ -169,7 +152,6 @@ class _Variant:
             fully_shard(block, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward)
         fully_shard(model, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward)
         self.model = model
-        self.groups = _param_groups(model)
         self.handle = None
         if key == "d":
             self.handle = gradvac_dist.register_fsdp(model, _bench_state(cfg))
@@ -185,13 +167,12 @@ class _Variant:
         elif self.key == "d":
             gradvac_dist.backward(self.model, losses)
         else:
-            ctx = self.model._get_fsdp_state()._state_ctx
+            model = cast(FSDPModule, self.model)
             for i, loss in enumerate(losses):
                 last = i == m - 1
                 if self.key == "a":  # the all-gather avoidance GradVac-FSDP uses, without GradVac
-                    for g in self.groups:
-                        g.reshard_after_backward = last
-                    ctx.is_last_backward = last
+                    model.set_reshard_after_backward(last)
+                    model.set_is_last_backward(last)
                 loss.backward(retain_graph=not last)
 
     def step(self) -> None:
@@ -244,25 +225,18 @@ def _rank_main(rank: int, world: int, cfg: Config, device: torch.device) -> Rank
     _sync(device)
     out.peak_d = _peak(device)
     out.stash_bytes = probe.handle.stash_bytes
-    plan = probe.handle._plan
-    out.local_numel, out.element_size = plan.length, plan.stash.element_size()
+    out.element_size = next(probe.model.parameters()).element_size()  # the stash holds the parameters' dtype
     out.n = probe.n
     probe.handle.remove()
-    del probe, plan
+    del probe
     if not cfg.timed:
         return out
 
     variants = {k: _Variant(k, cfg, mesh, device, x, ys) for k in VARIANTS}
-    counter = _Counter()
-    try:
-        for v in variants.values():
-            for _ in range(cfg.warmup):
-                v.step()
-            counter.take()
+    for v in variants.values():
+        for _ in range(cfg.warmup):
             v.step()
-            out.calls[v.key] = {k: float(c) for k, c in counter.take().items()}
-    finally:
-        counter.uninstall()
+        out.calls[v.key] = _counted_step(v.step)
 
     out.times = {k: [] for k in variants}
     done = 0
@@ -421,13 +395,10 @@ def report(cfg: Config, results: list[dict[str, Any]], device: str) -> tuple[str
     ]
     med = {k: _median_ms(results, k) for k in VARIANTS}
     for k in VARIANTS:
-        calls = first["calls"][k]
-        ag = sum(v for name, v in calls.items() if name.startswith("all_gather"))
-        rs = sum(v for name, v in calls.items() if name.startswith("reduce_scatter"))
+        ag, rs, ar = (first["calls"][k].get(kind, 0) for kind in KINDS)
         lines.append(
             f"{LABELS[k]:34s} {med[k][0]:10.1f} {f'{med[k][1]:.1f}..{med[k][2]:.1f}':>16s} "
-            f"{med[k][0] / med['a'][0]:6.3f}x  {ag:11.0f} {rs:12.0f} "
-            f"{calls.get('all_reduce', 0):11.0f}"
+            f"{med[k][0] / med['a'][0]:6.3f}x  {ag:11.0f} {rs:12.0f} {ar:11.0f}"
         )
     ratio = med["d"][0] / med["a"][0]
     paired = statistics.median(

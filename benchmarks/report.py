@@ -391,9 +391,7 @@ def _fsdp_table(results: Results) -> Table:
                 label,
                 _ms(main.median_ms[k]),
                 _x(main.median_ms[k] / base),
-                f"{sum(v for c, v in calls.items() if c.startswith('all_gather')):g}",
-                f"{sum(v for c, v in calls.items() if c.startswith('reduce_scatter')):g}",
-                f"{calls.get('all_reduce', 0):g}",
+                *(f"{calls.get(kind, 0):g}" for kind in fsdp.KINDS),
             ]
         )
     verdict = "PASS" if main.ratio is not None and main.ratio <= fsdp.GOAL else "FAIL"
