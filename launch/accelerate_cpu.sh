@@ -6,10 +6,11 @@
 # 2 processes), SCRIPT (default examples/accelerate_train.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh
+source launch/lib.sh  # GRADVAC_DRY_RUN=1: print the commands instead
+run bash launch/setup.sh
 cores=$(nproc 2>/dev/null || echo 1)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / 2 > 0 ? cores / 2 : 1 ))}
 if [ -z "${GLOO_SOCKET_IFNAME:-}" ] && [ -e /sys/class/net/lo ]; then export GLOO_SOCKET_IFNAME=lo; fi
-exec .venv/bin/accelerate launch --config_file launch/accelerate_cpu.yaml \
+launch .venv/bin/accelerate launch --config_file launch/accelerate_cpu.yaml \
   --main_process_port "${MASTER_PORT:-29500}" \
   "${SCRIPT:-examples/accelerate_train.py}" "$@"

@@ -3,5 +3,6 @@
 # and writes runs/demo/{metrics.jsonl,summary.json,demo.png}. Options: bash launch/demo.sh --help
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh
-exec .venv/bin/python -m examples.demo "$@"
+source launch/lib.sh  # GRADVAC_DRY_RUN=1: print the commands instead
+run bash launch/setup.sh
+launch .venv/bin/python -m examples.demo "$@"

@@ -7,9 +7,10 @@
 # has no NCCL): install one into .venv first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh
-NPROC=${NPROC:-$(nvidia-smi -L | wc -l)}
+source launch/lib.sh  # GRADVAC_DRY_RUN=1: print the commands instead
+run bash launch/setup.sh
+NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l || true)}
 if [ "$NPROC" -lt 1 ]; then echo "fsdp2_gpu.sh: no GPU found by nvidia-smi; use launch/fsdp2_cpu.sh" >&2; exit 1; fi
-exec .venv/bin/torchrun --nnodes 1 --nproc_per_node "$NPROC" \
+launch .venv/bin/torchrun --nnodes 1 --nproc_per_node "$NPROC" \
   --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29500}" \
   "${SCRIPT:-examples/fsdp2_train.py}" --backend nccl --mixed-precision bf16 "$@"

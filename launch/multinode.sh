@@ -14,16 +14,17 @@
 # connects the nodes if the default route's is not it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh
+source launch/lib.sh  # GRADVAC_DRY_RUN=1: print the commands instead
 : "${MASTER:?set MASTER to the address of node 0}"
 : "${NNODES:?set NNODES to the number of nodes}"
 : "${NODE_RANK:?set NODE_RANK to this node index (0..NNODES-1)}"
+run bash launch/setup.sh
 if command -v nvidia-smi >/dev/null 2>&1 && [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -gt 0 ]; then
   NPROC=${NPROC:-$(nvidia-smi -L | wc -l)}; BACKEND=${BACKEND:-nccl}
 else
   NPROC=${NPROC:-2}; BACKEND=${BACKEND:-gloo}
 fi
-exec .venv/bin/torchrun \
+launch .venv/bin/torchrun \
   --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
   --rdzv_backend c10d --rdzv_endpoint "$MASTER:${RDZV_PORT:-29500}" --rdzv_id "${RDZV_ID:-gradvac}" \
   "${SCRIPT:-examples/ddp_train.py}" --backend "$BACKEND" "$@"
