@@ -289,7 +289,7 @@ def _bytes_table(results: Results) -> Table:
     corrections = sum(v for _, s in results.ddp for v in s.corrections.values())
     table.notes += [
         "counted == the README's formula in every cell (up to (e)'s shard padding; checked by "
-        "tests/distributed/test_bench_ddp.py); measured adds gloo's own headers and whatever its algorithms send "
+        "tests/benchmarks/test_bench_ddp.py); measured adds gloo's own headers and whatever its algorithms send "
         "beyond a ring",
         "W=1 sends nothing (every collective is local)",
     ]
