@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["spawn_configs"]
+__all__ = ["spawn_by_world", "spawn_configs"]
 
 
 def _worker(
@@ -114,3 +114,31 @@ def spawn_configs(
                 proc.kill()
                 proc.join(timeout=5)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def spawn_by_world(
+    rank_fn: Callable[[int, Any], Any],
+    cfgs: Sequence[Any],
+    *,
+    threads: Callable[[int], int],
+    prefix: str,
+) -> tuple[list[list[Any]], dict[int, float]]:
+    """:func:`spawn_configs` for configurations of several world sizes (each has ``world`` and
+    ``timeout`` attributes): one group of ``world`` ranks per size, in first-seen order, with
+    ``threads(world)`` threads each and the summed timeouts of its configurations as its deadline.
+
+    Returns every rank's result per configuration, in the order of ``cfgs``, and each group's wall
+    time in seconds, by world size.
+    """
+    results: list[list[Any]] = [[] for _ in cfgs]
+    seconds: dict[int, float] = {}
+    for world in dict.fromkeys(c.world for c in cfgs):
+        indices = [i for i, c in enumerate(cfgs) if c.world == world]
+        group = [cfgs[i] for i in indices]
+        timeout = sum(c.timeout for c in group)
+        start = time.monotonic()
+        raw = spawn_configs(rank_fn, group, world, timeout=timeout, threads=threads(world), prefix=prefix)
+        seconds[world] = time.monotonic() - start
+        for i, per_rank in zip(indices, raw):
+            results[i] = per_rank
+    return results, seconds

@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from gradvac_dist import GradVacState, gradvac_hook
 from gradvac_dist import backward as gradvac_backward
 
-from ._spawn import spawn_configs
+from ._spawn import spawn_by_world
 from ._timing import Report, Table, machine_line, pass_fail, release_and_reset_peak, rss_bytes
 from .core import PlainLoopGradVac
 
@@ -387,20 +387,10 @@ def _rank_result(rank: int, cfg: Config) -> dict[str, Any]:
     return asdict(_rank_main(rank, cfg))
 
 
-def _launch(cfg: Config) -> list[dict[str, Any]]:
-    """Every rank's result of one configuration."""
-    return _launch_many([cfg])[0]
-
-
-def _launch_many(cfgs: list[Config]) -> list[list[dict[str, Any]]]:
-    """Runs the configurations one after the other in one group of spawned ranks (one start-up for all).
-
-    They must share the world size; returns, per configuration, every rank's result.
-    """
-    if not cfgs or len({c.world for c in cfgs}) != 1:
-        raise ValueError("_launch_many needs at least one configuration, all with the same world size")
-    timeout = sum(c.timeout for c in cfgs)
-    return spawn_configs(_rank_result, cfgs, cfgs[0].world, timeout=timeout, threads=1, prefix="gradvac_bench_ddp_")
+def _launch_many(cfgs: list[Config]) -> tuple[list[list[dict[str, Any]]], dict[int, float]]:
+    """Every rank's result per configuration (one group of spawned ranks per world size, one start-up
+    for all its configurations), and each group's wall time in seconds."""
+    return spawn_by_world(_rank_result, cfgs, threads=lambda world: 1, prefix="gradvac_bench_ddp_")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,12 +502,8 @@ def summarize(cfg: Config, results: list[dict[str, Any]]) -> Summary:
 
 def run(cfgs: list[Config]) -> list[Summary]:
     """Runs the configurations, one group of spawned gloo ranks per world size; summaries in their order."""
-    out: list[Summary | None] = [None] * len(cfgs)
-    for world in dict.fromkeys(c.world for c in cfgs):
-        indices = [i for i, c in enumerate(cfgs) if c.world == world]
-        for i, results in zip(indices, _launch_many([cfgs[i] for i in indices])):
-            out[i] = summarize(cfgs[i], results)
-    return [s for s in out if s is not None]
+    results, _ = _launch_many(cfgs)
+    return [summarize(cfg, r) for cfg, r in zip(cfgs, results)]
 
 
 def _report(cfg: Config, results: list[dict[str, Any]], elapsed: float) -> tuple[Report, bool]:
@@ -632,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark, prints the report; returns 0 (1 with ``--strict`` when the goal is missed)."""
     cfg, args = _parse(argv)
     start = time.perf_counter()
-    results = _launch(cfg)
+    results = _launch_many([cfg])[0][0]
     report, ok = _report(cfg, results, time.perf_counter() - start)
     print(report.to_text(), flush=True)
     if args.markdown:

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 
-from ._spawn import spawn_configs
+from ._spawn import spawn_by_world
 from ._timing import release_and_reset_peak, rss_bytes
 
 __all__ = ["Config", "Summary", "main", "run"]
@@ -273,22 +273,14 @@ def _rank_result(rank: int, cfg: Config) -> dict[str, Any]:
     return asdict(_rank_main(rank, cfg.world, cfg, torch.device("cpu")))
 
 
-def _spawn(cfg: Config) -> list[dict[str, Any]]:
-    """Every rank's result of one configuration."""
-    return _spawn_many([cfg])[0]
+def _spawn_many(cfgs: list[Config]) -> tuple[list[list[dict[str, Any]]], dict[int, float]]:
+    """Every rank's result per configuration (one group of spawned ranks per world size, one start-up
+    for all its configurations), and each group's wall time in seconds."""
 
+    def threads(world: int) -> int:
+        return max(1, (os.cpu_count() or 1) // world)
 
-def _spawn_many(cfgs: list[Config]) -> list[list[dict[str, Any]]]:
-    """Runs the configurations one after the other in one group of spawned ranks (one start-up for all).
-
-    They must share the world size; returns, per configuration, every rank's result.
-    """
-    if not cfgs or len({c.world for c in cfgs}) != 1:
-        raise ValueError("_spawn_many needs at least one configuration, all with the same world size")
-    world = cfgs[0].world
-    threads = max(1, (os.cpu_count() or 1) // world)
-    timeout = sum(c.timeout for c in cfgs)
-    return spawn_configs(_rank_result, cfgs, world, timeout=timeout, threads=threads, prefix="gradvac_bench_fsdp_")
+    return spawn_by_world(_rank_result, cfgs, threads=threads, prefix="gradvac_bench_fsdp_")
 
 
 def _under_torchrun(cfg: Config) -> list[dict[str, Any]] | None:
@@ -373,12 +365,8 @@ def summarize(cfg: Config, results: list[dict[str, Any]]) -> Summary:
 
 def run(cfgs: list[Config]) -> list[Summary]:
     """Runs the configurations on spawned gloo ranks, one group per world size; summaries in their order."""
-    out: list[Summary | None] = [None] * len(cfgs)
-    for world in dict.fromkeys(c.world for c in cfgs):
-        indices = [i for i, c in enumerate(cfgs) if c.world == world]
-        for i, results in zip(indices, _spawn_many([cfgs[i] for i in indices])):
-            out[i] = summarize(cfgs[i], results)
-    return [s for s in out if s is not None]
+    results, _ = _spawn_many(cfgs)
+    return [summarize(cfg, r) for cfg, r in zip(cfgs, results)]
 
 
 def report(cfg: Config, results: list[dict[str, Any]], device: str) -> tuple[str, bool]:
@@ -452,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         device = "cuda/nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu/gloo"
     else:
-        results = _spawn(cfg)
+        results = _spawn_many([cfg])[0][0]
         device = "cpu/gloo"
     text, ok = report(cfg, results, device)
     print(text, flush=True)

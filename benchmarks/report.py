@@ -150,34 +150,22 @@ def _load() -> str:
 def _run_ddp(p: Plan) -> tuple[list[tuple[str, ddp.Summary]], Table]:
     """The DDP configurations, one spawned group per world size; the center's table as the DDP benchmark prints it."""
     configs = p.ddp_configs()
-    summaries: list[ddp.Summary | None] = [None] * len(configs)
-    table = None
-    for world in dict.fromkeys(c.world for _, c in configs):
-        indices = [i for i, (_, c) in enumerate(configs) if c.world == world]
-        start = time.perf_counter()
-        raw = ddp._launch_many([configs[i][1] for i in indices])
-        elapsed = time.perf_counter() - start
-        for i, results in zip(indices, raw):
-            summaries[i] = ddp.summarize(configs[i][1], results)
-            if i == 0:
-                report, _ = ddp._report(configs[0][1], results, elapsed)
-                table = report.tables[0]
-                table.notes[-1] = f"wall time of the {len(indices)} configurations with W={world}: {elapsed:.1f} s"
-    assert table is not None
-    return [(name, s) for (name, _), s in zip(configs, summaries) if s is not None], table
+    cfgs = [c for _, c in configs]
+    results, seconds = ddp._launch_many(cfgs)
+    world = cfgs[0].world
+    report, _ = ddp._report(cfgs[0], results[0], seconds[world])
+    table = report.tables[0]
+    count = sum(c.world == world for c in cfgs)
+    table.notes[-1] = f"wall time of the {count} configurations with W={world}: {seconds[world]:.1f} s"
+    return [(name, ddp.summarize(c, r)) for (name, c), r in zip(configs, results)], table
 
 
 def _run_fsdp(p: Plan) -> tuple[list[tuple[str, fsdp.Summary]], str]:
     configs = p.fsdp_configs()
-    summaries: list[fsdp.Summary | None] = [None] * len(configs)
-    text = ""
-    for world in dict.fromkeys(c.world for _, c in configs):
-        indices = [i for i, (_, c) in enumerate(configs) if c.world == world]
-        for i, results in zip(indices, fsdp._spawn_many([configs[i][1] for i in indices])):
-            summaries[i] = fsdp.summarize(configs[i][1], results)
-            if i == 0:
-                text, _ = fsdp.report(configs[0][1], results, "cpu/gloo")
-    return [(name, s) for (name, _), s in zip(configs, summaries) if s is not None], text
+    cfgs = [c for _, c in configs]
+    results, _ = fsdp._spawn_many(cfgs)
+    text, _ = fsdp.report(cfgs[0], results[0], "cpu/gloo")
+    return [(name, fsdp.summarize(c, r)) for (name, c), r in zip(configs, results)], text
 
 
 def collect(quick: bool = False, progress: Callable[[str], None] | None = None, threads: int = 1) -> Results:
