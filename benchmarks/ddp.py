@@ -212,15 +212,8 @@ class _Variant:
         gathered ``[W, m, n]`` and local ``[m, n]``), and of GradVac's all-gather scratch."""
         if self.key == "c":
             return (self.gathered.numel() + self.m * self.n) * 4, 0
-        # Read, never patched: GradVacState exposes no size of its DDP stash (FSDPGradVac has stash_bytes),
-        # so the bucket plans of its private runtime are read here.
-        runtime = self.state._runtime if self.state is not None else None
-        if runtime is None:
-            return 0, 0
-        plans = runtime.plans.values()
-        stash = sum(p.stash.numel() * p.stash.element_size() for p in plans)
-        scratch = sum(p.scratch.numel() * p.scratch.element_size() for p in plans if p.scratch is not None)
-        return stash, scratch
+        buffers = self.state.buffer_bytes() if self.state is not None else {}
+        return buffers.get("stash", 0), buffers.get("scratch", 0)
 
     def counts(self) -> tuple[dict[str, int], dict[str, int]]:
         if self.state is not None:
