@@ -10,6 +10,7 @@ vector, which is what lets the distributed paths reduce ``K*m*m`` numbers instea
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -24,6 +25,7 @@ __all__ = [
     "Segment",
     "combine",
     "contiguous_segments",
+    "exact_arithmetic",
     "layout_of",
     "partial_gramians",
     "segments_of_range",
@@ -199,6 +201,17 @@ def layout_of(
     return BlockLayout(tuple(p.numel() for p in params), tuple(blocks), len(names), tuple(names))
 
 
+def exact_arithmetic(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """Autocast off for ``device``'s type where a caller turned it on, so that GradVac's own matmuls keep
+    their dtypes (an autocast region around ``backward`` would otherwise run them in bf16/fp16, and
+    a comm hook runs under its caller's autocast state)."""
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know (e.g. "meta"): nothing to turn off
+        enabled = False
+    return torch.autocast(device.type, enabled=False) if enabled else contextlib.nullcontext()
+
+
 def partial_gramians(
     piece: Tensor,
     segments: Sequence[Segment],
@@ -223,17 +236,18 @@ def partial_gramians(
     if out is None:
         out = torch.zeros((num_blocks, m, m), dtype=acc_dtype, device=piece.device)
     work = piece if piece.dtype in (torch.float32, torch.float64) else piece.float()
-    for block, start, stop in segments:
-        if block < 0:
-            continue
-        full = (stop - start) // GRAMIAN_CHUNK
-        if full:
-            # [full, m, CHUNK] view of the piece, no copy: one batched matmul for all whole chunks.
-            x = work[:, start : start + full * GRAMIAN_CHUNK].unflatten(1, (full, GRAMIAN_CHUNK)).transpose(0, 1)
-            out[block] += torch.bmm(x, x.transpose(1, 2)).sum(0, dtype=acc_dtype)
-        tail = work[:, start + full * GRAMIAN_CHUNK : stop]
-        if tail.shape[1]:
-            out[block] += (tail @ tail.T).to(acc_dtype)
+    with exact_arithmetic(piece.device):
+        for block, start, stop in segments:
+            if block < 0:
+                continue
+            full = (stop - start) // GRAMIAN_CHUNK
+            if full:
+                # [full, m, CHUNK] view of the piece, no copy: one batched matmul for all whole chunks.
+                x = work[:, start : start + full * GRAMIAN_CHUNK].unflatten(1, (full, GRAMIAN_CHUNK)).transpose(0, 1)
+                out[block] += torch.bmm(x, x.transpose(1, 2)).sum(0, dtype=acc_dtype)
+            tail = work[:, start + full * GRAMIAN_CHUNK : stop]
+            if tail.shape[1]:
+                out[block] += (tail @ tail.T).to(acc_dtype)
     return out
 
 
@@ -248,8 +262,9 @@ def combine(piece: Tensor, coefficients: Tensor, segments: Sequence[Segment], *,
         out = torch.empty(length, dtype=piece.dtype, device=piece.device)
     coef = coefficients.to(device=piece.device, dtype=piece.dtype)
     ones = torch.ones(m, dtype=piece.dtype, device=piece.device)
-    for block, start, stop in segments:
-        row = ones if block < 0 else coef[block]
-        torch.mm(row.unsqueeze(0), piece[:, start:stop], out=out[start:stop].unsqueeze(0))
+    with exact_arithmetic(piece.device):
+        for block, start, stop in segments:
+            row = ones if block < 0 else coef[block]
+            torch.mm(row.unsqueeze(0), piece[:, start:stop], out=out[start:stop].unsqueeze(0))
     assert sum(stop - start for _, start, stop in segments) == length, "segments must cover the piece"
     return out

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ._blocks import exact_arithmetic
+
 __all__ = ["GradVacStepResult", "draw_order", "gradvac_step"]
 
 
@@ -185,6 +187,13 @@ def gradvac_step(
     """
     if check_inputs:
         _check_inputs(gramians, targets, order, beta, eps)
+    with exact_arithmetic(gramians.device):  # the whole stage keeps ``dtype``, whatever autocast says
+        return _step(gramians, targets, order, beta, eps, dtype)
+
+
+def _step(
+    gramians: Tensor, targets: Tensor, order: Tensor, beta: float, eps: float, dtype: torch.dtype
+) -> GradVacStepResult:
     device = gramians.device
     num_blocks, m = gramians.shape[0], gramians.shape[1]
     gram = gramians.to(dtype)
