@@ -163,7 +163,7 @@ class Engine:
     """
 
     __slots__ = (
-        "agreed_generation",
+        "agreed",
         "block_sizes",
         "fingerprint_bits",
         "group",
@@ -193,23 +193,26 @@ class Engine:
         self.strategy = strategy
         self.world = world_of(group)[1]
         self.fingerprint_bits = fingerprint_bits(self.world)
-        #: the trajectory generation whose agreement across ranks was proven (-1: none yet)
-        self.agreed_generation = -1
+        #: whether the rank agreement was proven (at the first synchronising step)
+        self.agreed = False
         #: steps completed through this engine; equal on every rank (unlike a corrupted step count)
         self.steps_driven = 0
 
     def agree(self, num_losses: int, *, remember: bool = True) -> None:
         """Proves that every rank holds the same settings and trajectory, at the first synchronising step
-        and after every ``load_state_dict`` (one small all-reduce then; nothing on other steps, nothing
-        in micro-batches that accumulate without communication). ``remember=False`` checks without
-        counting it as the step's check (at FSDP2 registration, before any loss exists)."""
-        traj = self.state.trajectory
-        if remember and self.agreed_generation == traj.generation:
+        (one small all-reduce then; nothing at later steps, nothing in micro-batches that accumulate
+        without communication). ``remember=False`` checks without counting it as done (at FSDP2
+        registration, before any loss exists).
+
+        A ``load_state_dict`` later changes only the trajectory, which the per-step fingerprint
+        covers at the next step: no collective is tied to a load, so a load made on some ranks only
+        is reported, never turned into mismatched collectives.
+        """
+        if remember and self.agreed:
             return
         mine = settings(self.state, self.strategy, self.layout, self.param_names, num_losses)
         check_agreement(mine, AGREEMENT_ENTRIES, self.group, self.state.counters)
-        if remember:
-            self.agreed_generation = traj.generation
+        self.agreed = self.agreed or remember
 
     def step(self, pieces: Sequence[Piece]) -> StepOutcome:
         """Gramians of the pieces, the one all-reduce, and the coefficient stage."""
@@ -251,7 +254,7 @@ class Engine:
     def _desync(self) -> RuntimeError:
         """The fingerprints differ: names what differs (error path: one extra all-reduce)."""
         try:
-            check_in_sync(self.state, self.group)
+            check_in_sync(self.state, self.group, self.num_blocks)
         except RuntimeError as err:
             return err
         return RuntimeError(
@@ -280,18 +283,23 @@ class Engine:
         if outcome.nonfinite is not None and state.config.on_nonfinite == "raise":
             raise outcome.nonfinite
         if state.check_sync_every and self.steps_driven % state.check_sync_every == 0:
-            check_in_sync(state, self.group)
+            check_in_sync(state, self.group, self.num_blocks)
 
 
-def check_in_sync(state: GradVacState, group: dist.ProcessGroup | None) -> None:
-    """Raises on every rank if the ranks' targets, generator state or step count differ (one all-reduce)."""
-    traj = state.trajectory
+def check_in_sync(state: GradVacState, group: dist.ProcessGroup | None, num_blocks: int) -> None:
+    """Raises on every rank if the ranks' targets, generator state or step count differ (one all-reduce).
+
+    The payload has the same size on every rank (targets not yet set count as zeros, with a flag),
+    so ranks that differ are reported, never turned into mismatched collectives.
+    """
+    traj, m = state.trajectory, state.num_tasks
+    targets = traj.targets
     parts = {
         "step count": torch.tensor([traj.step], dtype=torch.float64),
         "order generator state": traj.generator.get_state(),
+        "EMA targets set": torch.tensor([float(targets is not None)], dtype=torch.float64),
+        "EMA targets": torch.zeros(num_blocks * m * m, dtype=torch.float64) if targets is None else targets,
     }
-    if traj.targets is not None:
-        parts["EMA targets"] = traj.targets
     differing = differing_entries(parts, group, state.counters)
     if differing:
         what = "; ".join(

@@ -67,21 +67,17 @@ class Trajectory:
 
     ``targets`` is ``None`` until the first step fixes the number of tasks and the blocks; from
     then on a step with another ``m`` or other block sizes is refused (call :meth:`reset`).
-    ``generation`` counts the times the trajectory was replaced from outside (:meth:`reset`,
-    :meth:`load_state_dict`): the distributed paths prove rank agreement again after each.
     """
 
-    __slots__ = ("_seed", "block_sizes", "generation", "generator", "num_tasks", "step", "targets")
+    __slots__ = ("_seed", "block_sizes", "generator", "num_tasks", "step", "targets")
 
     def __init__(self, seed: int, num_tasks: int | None = None) -> None:
         self._seed = seed
         self.num_tasks = num_tasks
-        self.generation = 0
         self.reset()
 
     def reset(self) -> None:
         """Forgets the targets, re-seeds the generator and restarts the step count."""
-        self.generation += 1
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(self._seed)
         self.targets: Tensor | None = None
@@ -187,7 +183,6 @@ class Trajectory:
         self.block_sizes = None if sizes is None else tuple(int(s) for s in sizes)
         self.num_tasks = num_tasks if num_tasks is not None else self.num_tasks
         self.step = step
-        self.generation += 1
 
 
 def to_plain(state_dict: dict[str, Any], block_sizes: tuple[int, ...]) -> dict[str, Any]:

@@ -1,0 +1,176 @@
+"""Rank bodies of the usage-slip tests: what a hostile user does, exact or refused on every rank.
+
+Each body returns, per case, either the relative error of ``.grad`` against the exact reference
+(GradVac on the rank-mean per-task gradients, computed independently as in ``ddp_bodies``) or the
+error every rank raised. Cases that would hang run under the harness deadline, so a hang fails.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import gradvac_dist
+from gradvac_dist import GradVac, GradVacState, gradvac_hook, register_fsdp
+from tests.distributed import fsdp_bodies
+from tests.distributed.ddp_bodies import (
+    M,
+    _capture,
+    batch,
+    block_columns,
+    local_jacobian,
+    make_model,
+    reference_grad,
+    task_losses,
+)
+
+
+def _grad(model) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
+
+
+def _mean_jacobian(plain, x, ys, world) -> torch.Tensor:
+    local = local_jacobian(plain, x, ys)
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    return torch.stack(gathered).mean(0)
+
+
+def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).norm() / expected.norm())
+
+
+def _ddp(model, **state_kwargs):
+    ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=0.002)
+    state = GradVacState(num_tasks=state_kwargs.pop("num_tasks", M), **state_kwargs)
+    ddp.register_comm_hook(state, gradvac_hook)
+    return ddp, state
+
+
+def settings_differ_body(rank, world):
+    """One setting differs on rank 1: every rank raises, naming the setting, before any gradient moves."""
+    x, ys = batch(0, rank, world)
+    cases = {
+        "seed": ({"seed": 0}, {"seed": 1}),
+        "beta": ({"beta": 0.5}, {"beta": 0.25}),
+        "eps": ({"eps": 1e-8}, {"eps": 1e-6}),
+        "shared_params": ({"shared_params": ["encoder"]}, {"shared_params": ["encoder", "gain"]}),
+        "grouping": ({"grouping": "whole"}, {"grouping": "module"}),
+        "strategy": ({"strategy": "sharded"}, {"strategy": "replicated"}),
+        "on_nonfinite": ({"on_nonfinite": "raise"}, {"on_nonfinite": "skip"}),
+        "check_sync_every": ({}, {"check_sync_every": 5}),
+        "num_tasks": ({"num_tasks": M}, {"num_tasks": M - 1}),
+    }
+    out = {}
+    for name, kwargs in cases.items():
+        mine = dict(kwargs[rank % 2])
+        ddp, state = _ddp(make_model(), **mine)
+        losses = task_losses(ddp(x), ys)[: state.num_tasks]
+        out[name] = _capture(lambda ddp=ddp, losses=losses: gradvac_dist.backward(ddp, losses))
+        out[name + "/moved"] = sum(state.counters.calls[k] for k in state.counters.calls if k != "agreement_all_reduce")
+    # a checkpoint loaded on one rank only: the next step refuses, naming the trajectory
+    ddp, state = _ddp(make_model())
+    gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
+    if rank == 0:
+        state.load_state_dict(GradVacState(num_tasks=M).state_dict())
+    out["loaded_on_one_rank"] = _capture(lambda: gradvac_dist.backward(ddp, task_losses(ddp(x), ys)))
+    # a rank whose own set-up fails (a shared_params name that rank's model lacks): every rank raises
+    ddp, state = _ddp(make_model(), shared_params=["encoder"] if rank == 0 else ["no_such_module"])
+    out["setup_fails_on_one_rank"] = _capture(lambda: gradvac_dist.backward(ddp, task_losses(ddp(x), ys)))
+    return out
+
+
+def _fsdp_state(rank, **kwargs):
+    model = fsdp_bodies.shard(fsdp_bodies.make_model(), 2)
+    state = GradVacState(num_tasks=fsdp_bodies.M, grouping="module", **kwargs)
+    return model, state
+
+
+def fsdp_settings_differ_body(rank, world):
+    """The same under FSDP2: registration compares the settings across ranks."""
+    out = {}
+    for name, kwargs in {"seed": [{"seed": 0}, {"seed": 3}], "beta": [{"beta": 0.5}, {"beta": 0.1}]}.items():
+        model, state = _fsdp_state(rank, **kwargs[rank])
+        out[name] = _capture(lambda model=model, state=state: register_fsdp(model, state))
+    model = fsdp_bodies.shard(fsdp_bodies.make_model(), 2)
+    state = GradVacState(num_tasks=fsdp_bodies.M, shared_params=["encoder"] if rank == 0 else ["nothing"])
+    out["setup_fails_on_one_rank"] = _capture(lambda: register_fsdp(model, state))
+    return out
+
+
+def autocast_body(rank, world):
+    """backward inside an autocast region: GradVac's own arithmetic is not lowered.
+
+    Autocast lowers the matmuls of the backward passes themselves (torch does that for a plain
+    loss.backward() too), so the reference is GradVac computed outside autocast on the per-task
+    gradients those lowered passes give: the task Jacobian is formed inside the region.
+    """
+    model = make_model().float()
+    plain = copy.deepcopy(model)
+    x, ys = (t.float() for t in batch(0, rank, world))
+    cols, sizes = block_columns(plain, "module", None)
+    params = list(plain.parameters())
+    losses = task_losses(plain(x), ys)  # forward outside the region, as below
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = []
+        for i, loss in enumerate(losses):
+            gs = torch.autograd.grad(loss, params, retain_graph=i < M - 1, allow_unused=True)
+            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params)]))
+    local = torch.stack(rows)
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    out = {}
+    ddp, _ = _ddp(model, grouping="module")
+    losses = task_losses(ddp(x), ys)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gradvac_dist.backward(ddp, losses)
+    out["ddp"] = _rel(_grad(model), reference_grad(GradVac(), torch.stack(gathered).mean(0), cols, sizes))
+    single = copy.deepcopy(plain)  # the single-process path, on this rank's batch
+    losses = task_losses(single(x), ys)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gradvac_dist.backward(single, losses, GradVac(), grouping="module")
+    out["single"] = _rel(_grad(single), reference_grad(GradVac(), local, cols, sizes))
+    return out
+
+
+def accumulation_body(rank, world, micro=2):
+    """`with ddp.no_sync(): backward(ddp, losses)` (sync unset) accumulates exactly; contradictions raise."""
+    model = make_model()
+    plain = copy.deepcopy(model)
+    ddp, state = _ddp(model, grouping="module")
+    ref = GradVac()
+    cols, sizes = block_columns(plain, "module", None)
+    total = 0
+    for k in range(micro):
+        x, ys = batch(k, rank, world)
+        total = total + _mean_jacobian(plain, x, ys, world)
+        if k < micro - 1:
+            with ddp.no_sync():
+                gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
+        else:
+            gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
+    out = {"err": _rel(_grad(model), reference_grad(ref, total, cols, sizes)), "steps": state.step}
+    x, ys = batch(9, rank, world)
+    with ddp.no_sync():
+        out["sync_true_inside_no_sync"] = _capture(lambda: gradvac_dist.backward(ddp, task_losses(ddp(x), ys), sync=True))
+    out["sync_false_outside"] = _capture(lambda: gradvac_dist.backward(ddp, task_losses(ddp(x), ys), sync=False))
+    return out
+
+
+def forgotten_zero_grad_body(rank, world, strategy):
+    """Two steps without zero_grad: .grad holds the sum of both steps' GradVac gradients, as after
+    two plain loss.backward() calls (the same rule as the single-process and FSDP2 paths)."""
+    model = make_model()
+    plain = copy.deepcopy(model)
+    ddp, _ = _ddp(model, grouping="parameter", strategy=strategy)
+    ref = GradVac()
+    cols, sizes = block_columns(plain, "parameter", None)
+    expected = 0
+    for step in range(2):
+        x, ys = batch(step, rank, world)
+        expected = expected + reference_grad(ref, _mean_jacobian(plain, x, ys, world), cols, sizes)
+        gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
+    return _rel(_grad(model), expected)
