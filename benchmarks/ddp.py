@@ -409,9 +409,10 @@ def ring_bytes(payload: dict[str, int], world: int) -> float:
 
 
 def formula_bytes(key: str, n: int, world: int, m: int = M, num_blocks: int = 1) -> float:
-    """The README's cost per rank and step in bytes: float32 gradients, float64 Gramians (+ m slots)."""
+    """The README's cost per rank and step in bytes: float32 gradients, and the float64 all-reduce of
+    K m^2 Gramian entries, m non-finite flags and the 4 entries of the rank fingerprint."""
     f = (world - 1) / world
-    gram = 2 * (num_blocks * m * m + m) * 8 * f
+    gram = 2 * (num_blocks * m * m + m + 4) * 8 * f
     return {
         "a": m * 2 * n * f * 4,  # m all-reduces of n
         "b": 2 * n * f * 4,  # one all-reduce of n

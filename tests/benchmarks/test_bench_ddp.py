@@ -54,6 +54,6 @@ def test_quick_run_prints_the_table_and_writes_markdown(tmp_path, capsys):
 def test_ring_bytes_and_formulas_agree():
     n, w = 1000, 4
     assert ring_bytes({"task_all_reduce": 3 * 4 * n}, w) == formula_bytes("a", n, w)
-    sharded = {"task_reduce_scatter": 3 * 4 * n, "result_all_gather": 4 * n, "gramian_all_reduce": (9 + 3) * 8}
+    sharded = {"task_reduce_scatter": 3 * 4 * n, "result_all_gather": 4 * n, "gramian_all_reduce": (9 + 3 + 4) * 8}
     assert ring_bytes(sharded, w) == formula_bytes("e", n, w)
     assert ring_bytes({"naive_all_gather": w * 3 * 4 * n}, w) == formula_bytes("c", n, w)
