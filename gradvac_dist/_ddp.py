@@ -164,6 +164,23 @@ class _BucketPlan:
         return self.stash if self.sharded else self.stash[:, self.shard[0] : self.shard[1]]
 
 
+class _JoinLosses(torch.autograd.Function):
+    """The identity on the m losses, as ONE autograd node (like DDP's ``_DDPSink``).
+
+    Gradients are not materialised: a backward pass from one output sends ``None``, not zeros, to
+    the other losses, so their branches cost only a visit.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, *losses: Tensor) -> tuple[Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        return tuple(loss.view_as(loss) for loss in losses)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        return grads
+
+
 class _Phase(enum.Enum):
     """Where a DDP step is; the hook's behaviour depends on it."""
 
@@ -434,9 +451,15 @@ def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor], sync: b
         runtime.accumulate(losses)
         return
     prior = runtime.set_aside_grads()
+    # The last pass goes through one autograd node joining every loss, as DDP's own forward output
+    # does: DDP then counts every parameter any task reaches as used in that pass and copies the
+    # aggregated gradient into it. Without it (a forward through ddp.module, Lightning's DDP
+    # forward, which returns no losses), the heads of the earlier tasks count as unused and keep
+    # the zeros of their own pass. Earlier passes need no tie (they return zeros anyway).
+    passes = [*losses[:-1], _JoinLosses.apply(*losses)[-1]] if m > 1 else losses
     done = False
     try:
-        for task, loss in enumerate(losses):
+        for task, loss in enumerate(passes):
             runtime.begin_pass(task)
             ddp.reducer.prepare_for_backward([loss])
             loss.backward(retain_graph=task < m - 1)

@@ -174,3 +174,38 @@ def forgotten_zero_grad_body(rank, world, strategy):
         expected = expected + reference_grad(ref, _mean_jacobian(plain, x, ys, world), cols, sizes)
         gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
     return _rel(_grad(model), expected)
+
+
+def module_forward_body(rank, world, strategy, grouping):
+    """Forward through ``ddp.module`` (as Lightning's DDP forward in effect gives): exact, heads included."""
+    model = make_model()
+    plain = copy.deepcopy(model)
+    ddp, _ = _ddp(model, grouping=grouping, strategy=strategy)
+    ref = GradVac()
+    cols, sizes = block_columns(plain, grouping, None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ref_opt = torch.optim.SGD(plain.parameters(), lr=0.05)
+    errs, head_errs = [], []
+    for step in range(2):
+        x, ys = batch(step, rank, world)
+        expected = reference_grad(ref, _mean_jacobian(plain, x, ys, world), cols, sizes)
+        gradvac_dist.backward(ddp, task_losses(ddp.module(x), ys))
+        got = _grad(model)
+        errs.append(_rel(got, expected))
+        names = [n for n, _ in model.named_parameters()]
+        offsets = [0]
+        for p in model.parameters():
+            offsets.append(offsets[-1] + p.numel())
+        heads = [i for i, n in enumerate(names) if n.startswith("heads.0.")]
+        head = torch.cat([got[offsets[i] : offsets[i + 1]] for i in heads])
+        head_ref = torch.cat([expected[offsets[i] : offsets[i + 1]] for i in heads])
+        head_errs.append(_rel(head, head_ref))
+        opt.step()
+        opt.zero_grad()
+        off = 0
+        for p in plain.parameters():
+            p.grad = expected[off : off + p.numel()].view_as(p).clone()
+            off += p.numel()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    return {"errs": errs, "head_errs": head_errs}
