@@ -32,7 +32,7 @@ registration, so another torch release fails loudly instead of misbehaving.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from . import _torch_compat as compat
 from ._blocks import BlockLayout, Segment, combine, layout_of
 from ._checks import check_losses, reject_fsdp1
 from ._comm import CommCounters
@@ -207,21 +208,19 @@ class FSDPGradVac(Driver):
     def __init__(self, model: nn.Module, state: GradVacState, *, reshard_between_passes: bool = False) -> None:
         super().__init__(model, state)
         self.reshard_between_passes = reshard_between_passes
-        self._pending = 0  # sync=False micro-batches accumulated in the stash
+        compat.check_fsdp(model)
         self._plan: _Plan | None = None
-        self._groups = _param_groups_of(model)
+        #: every FSDP2 module under the model, with its parameter groups
+        self._modules = compat.fsdp_param_groups(model)
+        #: while gradient sync is off: per task, per parameter, the local gradient sums FSDP has not reduced
+        self._local: list[list[Tensor | None]] | None = None
         params = _trainable(model)
         names = {id(p): n for n, p in model.named_parameters()}
         self.param_names = [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
         mesh_group = _mesh_group(params, self.param_names)
         # FSDP swaps the module's parameters between the sharded DTensors and the unsharded tensors
         # around forward and backward; its FSDPParam objects are stable and know the sharded one.
-        by_id = {}
-        for param_group in self._groups:
-            for fp in param_group.fsdp_params:
-                by_id[id(fp.sharded_param)] = fp
-                info = fp._module_info  # the parameter as registered on its module now (before lazy init too)
-                by_id[id(getattr(info.module, info.param_name))] = fp
+        by_id = compat.fsdp_params_by_id(g for _, groups in self._modules for g in groups)
         unmanaged = [n for n, p in zip(self.param_names, params) if id(p) not in by_id]
         if unmanaged:
             raise ValueError(
@@ -229,6 +228,11 @@ class FSDPGradVac(Driver):
                 "module (after the per-layer calls) and register that root."
             )
         self._fsdp_params = [by_id[id(p)] for p in params]
+        index = {id(fp): i for i, fp in enumerate(self._fsdp_params)}
+        #: the parameter indices of each FSDP parameter group (FSDP reduces a group in one dtype)
+        self._members = [
+            [index[id(fp)] for fp in group.fsdp_params if id(fp) in index] for _, gs in self._modules for group in gs
+        ]
         # FSDP's collectives run on this device type (the shards may live on the CPU with offloading)
         self._on_accelerator = params[0].device_mesh.device_type != "cpu"
         if state.process_group is None:
@@ -285,78 +289,131 @@ class FSDPGradVac(Driver):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads :meth:`state_dict`'s output (also after ``dcp.load``); checks it whole, changes nothing on error."""
         loaded = from_plain(state_dict)
-        if self._pending:
+        if self._local is not None:
             raise RuntimeError(
-                "load_state_dict between backward(..., sync=False) micro-batches: finish the step first."
+                "load_state_dict between micro-batches of gradient accumulation (gradient sync off): finish the "
+                "step first."
             )
         self.state.load_state_dict(loaded)
 
     # -- the step ----------------------------------------------------------------------------------
     def backward(self, losses: Sequence[Tensor], sync: bool | None = None) -> None:
-        """One GradVac step on the model (see the class docstring); ``gradvac_dist.backward`` calls this."""
+        """One GradVac step on the model (see the class docstring); ``gradvac_dist.backward`` calls this.
+
+        ``sync`` follows the model's ``set_requires_gradient_sync`` when left ``None``; with gradient
+        sync off, the call accumulates a micro-batch without communication. An explicit ``sync`` that
+        contradicts that switch raises.
+        """
         state, m = self.state, self.state.num_tasks
         losses = check_losses(losses)
-        sync = True if sync is None else bool(sync)
-        if sync:
+        model = self.module
+        sync_on = compat.gradient_sync_enabled(g for _, gs in self._modules for g in gs)
+        if sync_on is None:
+            raise ValueError(
+                "gradient sync is on for some FSDP2 modules of this model and off for others; GradVac needs one "
+                "setting for the whole model: call model.set_requires_gradient_sync(flag) on the root."
+            )
+        if sync is not None and bool(sync) != sync_on:
+            raise ValueError(
+                f"backward(fsdp_model, losses, sync={bool(sync)}) contradicts the model's "
+                f"set_requires_gradient_sync({sync_on}): leave sync unset, and accumulate micro-batches with "
+                "model.set_requires_gradient_sync(False) (True again for the micro-batch that ends the step)."
+            )
+        if sync_on:
             self.engine.agree(len(losses))
         losses = check_losses(losses, m)
-        model = self.module
-        root = _root_state(model)
-        for group in self._groups:
-            if not group.reduce_grads:
-                raise ValueError(
-                    "GradVac under FSDP2 needs each task's reduce-scattered gradient, but gradient sync is off "
-                    "(set_requires_gradient_sync(False)). Call model.set_requires_gradient_sync(True) and accumulate "
-                    "micro-batches with gradvac_dist.backward(model, losses, sync=False) instead."
-                )
+        if compat.is_root(model) is None:
+            raise RuntimeError(
+                "backward(fsdp_model, losses) before any forward: run the model's forward first (FSDP2 sets up "
+                "its root then), and compute the losses from its outputs."
+            )
+        if compat.is_root(model) is not True:
+            raise ValueError(
+                "GradVac was registered on an FSDP2 module that is not the root of its forward: register (and pass "
+                "to gradvac_dist.backward) the outermost module given to fully_shard, the one you call forward on."
+            )
         plan = self._current_plan()
-        params = plan.params
-        prior = [p.grad for p in params]
-        for p in params:
+        if not sync_on:
+            self._passes(losses, lambda task: self._keep_local(task))
+            return
+        prior = [p.grad for p in plan.params]
+        for p in plan.params:
             p.grad = None
-        accumulate = self._pending > 0
-        keep_unsharded = not self.reshard_between_passes
-        saved_reshard = [g.reshard_after_backward for g in self._groups]
-        ctx = root._state_ctx
-        saved_last = ctx.is_last_backward
         done = False
         try:
-            for task, loss in enumerate(losses):
-                last = task == m - 1
-                if keep_unsharded:
-                    for group, value in zip(self._groups, saved_reshard):
-                        group.reshard_after_backward = value if last else False
-                    ctx.is_last_backward = last
-                else:
-                    ctx.is_last_backward = True
-                loss.backward(retain_graph=not last)
-                self._take(plan, task, accumulate, root)
+            self._passes(losses, lambda task: self._take(plan, task), before=self._hand_back_local)
             done = True
         finally:
-            for group, value in zip(self._groups, saved_reshard):
-                group.reshard_after_backward = value
-            ctx.is_last_backward = saved_last
+            self._local = None
             if not done:
-                self._pending = 0
-                plan.reached[:] = [False] * len(params)
-                for p, g in zip(params, prior):
+                plan.reached[:] = [False] * len(plan.params)
+                for p, g in zip(plan.params, prior):
                     p.grad = g
-        if not sync:
-            self._pending += 1
-            for p, g in zip(params, prior):
-                p.grad = g
-            return
-        self._pending = 0
         with state.counters.phase("step"):
             outcome = self.engine.step([Piece(plan.stash, plan.segments, plan.param_segments)])
             with state.counters.phase("combine"):
                 self._write_grads(plan, prior, outcome.coefficients)
         self.engine.finish(outcome)
 
-    def _take(self, plan: _Plan, task: int, accumulate: bool, root: Any) -> None:
+    def _passes(
+        self, losses: Sequence[Tensor], after: Callable[[int], None], before: Callable[[int], None] | None = None
+    ) -> None:
+        """One backward pass per task, with FSDP told to keep the parameters unsharded until the last
+        (unless ``reshard_between_passes``) and to finalise its backward only then."""
+        model, m = self.module, len(losses)
+        keep_unsharded = not self.reshard_between_passes
+        saved_reshard = [compat.reshard_after_backward(module, groups) for module, groups in self._modules]
+        saved_last = compat.is_last_backward(model)
+        try:
+            for task, loss in enumerate(losses):
+                last = task == m - 1
+                if keep_unsharded:
+                    for (module, _), value in zip(self._modules, saved_reshard):
+                        module.set_reshard_after_backward(value if last else False, recurse=False)
+                model.set_is_last_backward(last or not keep_unsharded)
+                if before is not None:
+                    before(task)
+                loss.backward(retain_graph=not last)
+                after(task)
+        finally:
+            for (module, _), value in zip(self._modules, saved_reshard):
+                module.set_reshard_after_backward(value, recurse=False)
+            model.set_is_last_backward(saved_last)
+
+    def _keep_local(self, task: int) -> None:
+        """Gradient sync off: moves the pass's unreduced local gradients into task ``task``'s sums."""
+        if self._local is None:
+            self._local = [[None] * len(self._fsdp_params) for _ in range(self.state.num_tasks)]
+        sums = self._local[task]
+        with torch.no_grad():
+            for i, fp in enumerate(self._fsdp_params):
+                grad = compat.take_unsharded_grad(fp)
+                if grad is not None:
+                    sums[i] = grad if sums[i] is None else sums[i].add_(grad)
+
+    def _hand_back_local(self, task: int) -> None:
+        """Before pass ``task`` of the step: gives FSDP that task's accumulated local gradients, which the
+        pass adds to and reduce-scatters with its own (so accumulation costs no communication)."""
+        if self._local is None:
+            return
+        sums = self._local[task]
+        for members in self._members:
+            given = [i for i in members if sums[i] is not None]
+            if not given:
+                continue
+            # FSDP reduce-scatters a group in one dtype: where it accumulates in another dtype than the
+            # fresh gradients have, every member gets an accumulated gradient (zeros if none).
+            acc_dtype, fresh_dtype = compat.accumulation_dtypes(self._fsdp_params[given[0]])
+            for i in members if acc_dtype != fresh_dtype else given:
+                fp = self._fsdp_params[i]
+                grad = compat.zeros_unsharded(fp, acc_dtype) if sums[i] is None else sums[i].to(acc_dtype)
+                compat.give_unsharded_grad(fp, grad)
+                sums[i] = None
+
+    def _take(self, plan: _Plan, task: int) -> None:
         """Moves pass ``task``'s reduce-scattered shards from ``.grad`` into stash row ``task`` (one batched copy)."""
         if self._on_accelerator:
-            _wait_for_reductions(root, plan.device)
+            compat.wait_for_reductions(self.module, plan.device)
         views = plan.views[task]
         dst: list[Tensor] = []
         src: list[Tensor] = []
@@ -379,19 +436,10 @@ class FSDPGradVac(Driver):
                 # reduce-scatter stream, which waits for this stream (so for the copy issued below)
                 # before its next reduction can reuse it.
                 p.grad = None
-            if any(t.dtype != plan.dtype for t in src):  # parameters of several dtypes
-                for d, g in zip(dst, src):
-                    if accumulate:
-                        d.add_(g)
-                    else:
-                        d.copy_(g)
-            elif accumulate:
-                if dst:
-                    torch._foreach_add_(dst, src)
-            elif dst:
-                torch._foreach_copy_(dst, src)
-            if zero and not accumulate:
-                torch._foreach_zero_(zero)
+            if dst:
+                compat.foreach_copy_(dst, src)
+            if zero:
+                compat.foreach_zero_(zero)
 
     def _write_grads(self, plan: _Plan, prior: list[Tensor | None], coef: Tensor) -> None:
         """Combines the local shards and writes them into ``.grad`` as sharded DTensors."""
@@ -409,21 +457,16 @@ class FSDPGradVac(Driver):
                     old.to_local().add_(local)
                     p.grad = old
                 else:  # the DTensor FSDP itself would build: the parameter's spec (mesh, placements, shape)
-                    p.grad = self._fsdp_params[i].to_sharded_dtensor(local)
+                    p.grad = compat.sharded_grad(p, local)
         plan.reached[:] = [False] * len(plan.params)
 
     # -- plan ----------------------------------------------------------------------------------------
     def _current_plan(self) -> _Plan:
         """The plan for the current sharded parameters (rebuilt if they were swapped, e.g. by ``model.to``)."""
-        params = tuple(fp.sharded_param for fp in self._fsdp_params)
+        params = tuple(compat.sharded_param(fp) for fp in self._fsdp_params)
         plan = self._plan
         if plan is not None and all(a is b for a, b in zip(plan.params, params)):
             return plan
-        if self._pending:
-            raise RuntimeError(
-                "the model's parameters changed between backward(..., sync=False) micro-batches; keep the model "
-                "fixed until the sync=True call."
-            )
         _mesh_group(params, self.param_names)
         numels = tuple(p.numel() for p in params)
         if numels != self.layout.numels:
@@ -433,25 +476,6 @@ class FSDPGradVac(Driver):
             )
         self._plan = _build_plan(params, self.layout, self.state.num_tasks)
         return self._plan
-
-
-def _wait_for_reductions(root: Any, stash_device: torch.device) -> None:
-    """Orders this stream after FSDP's reductions of the pass, so that ``.grad`` can be read.
-
-    FSDP reduce-scatters (and, for HSDP, all-reduces) on side streams and only makes the current
-    stream wait for them when it finalises a backward, which GradVac defers to the last pass. A
-    stream wait costs no host synchronisation. Shards offloaded to the CPU are written by
-    asynchronous device-to-host copies: the host must wait for the device there.
-    """
-    comm = getattr(root, "_comm_ctx", None)
-    streams = [getattr(comm, name, None) for name in ("reduce_scatter_stream", "all_reduce_stream")]
-    if stash_device.type == "cpu" or streams[0] is None:
-        torch.accelerator.synchronize()
-        return
-    current = torch.accelerator.current_stream()
-    for stream in streams:
-        if stream is not None:
-            current.wait_stream(stream)
 
 
 def _build_plan(params: Sequence[nn.Parameter], layout: BlockLayout, m: int) -> _Plan:
@@ -528,45 +552,6 @@ def _mesh_group(params: Sequence[nn.Parameter], names: Sequence[str]) -> dist.Pr
             raise ValueError("GradVac under FSDP2 needs all parameters sharded over the same ranks (one mesh).")
     assert group is not None
     return group
-
-
-def _param_groups_of(model: nn.Module) -> list[Any]:
-    """Every ``FSDPParamGroup`` under ``model`` (private FSDP2 objects of torch 2.13: checked here)."""
-    groups = []
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            fsdp_state = module._get_fsdp_state()
-            found = getattr(fsdp_state, "_fsdp_param_groups", None)  # torch 2.13: a list per state
-            if found is None:  # older releases: one optional group per state
-                single = getattr(fsdp_state, "_fsdp_param_group", None)
-                found = [] if single is None else [single]
-            groups.extend(found)
-    missing = [a for a in ("reshard_after_backward", "reduce_grads") if groups and not hasattr(groups[0], a)]
-    if not groups:
-        missing.append("_fsdp_param_groups")
-    if groups and groups[0].fsdp_params and not hasattr(groups[0].fsdp_params[0], "to_sharded_dtensor"):
-        missing.append("FSDPParam.to_sharded_dtensor")
-    if missing or not hasattr(model._get_fsdp_state(), "_state_ctx"):
-        raise RuntimeError(
-            f"this torch release ({torch.__version__}) lays out FSDP2's internals differently from torch 2.13 "
-            f"(FSDPParamGroup lacks {missing or '_state_ctx'}); gradvac_dist's FSDP2 path supports torch 2.13."
-        )
-    return groups
-
-
-def _root_state(model: nn.Module) -> Any:
-    root = model._get_fsdp_state()
-    if root._is_root is None:
-        raise RuntimeError(
-            "backward(fsdp_model, losses) before any forward: run the model's forward first (FSDP2 sets up "
-            "its root then), and compute the losses from its outputs."
-        )
-    if root._is_root is not True:
-        raise ValueError(
-            "GradVac was registered on an FSDP2 module that is not the root of its forward: register (and pass to "
-            "gradvac_dist.backward) the outermost module given to fully_shard, the one you call forward on."
-        )
-    return root
 
 
 def fsdp_backward(model: nn.Module, losses: Sequence[Tensor], sync: bool | None = None) -> None:

@@ -206,9 +206,10 @@ def run_config(
             for p in model.parameters():
                 p.grad = torch.ones_like(p) * 0.5
             expected = expected + 0.5
-        for k in range(accum):
+        for k in range(accum):  # FSDP2's own accumulation switch: no communication until the last micro-batch
             x, ys = batch(step, rank, world, k, accum)
-            gradvac_dist.backward(model, task_losses(model(x), ys), sync=k == accum - 1)
+            model.set_requires_gradient_sync(k == accum - 1)
+            gradvac_dist.backward(model, task_losses(model(x), ys))
         step_counts.append(counter.take())
         for p in model.parameters():
             if p.grad is not None:
@@ -301,11 +302,11 @@ def misuse(rank, world) -> dict:
         register_fsdp(model, GradVacState(num_tasks=M))
         gradvac_dist.backward(model, task_losses(model(x), ys), GradVac())
 
-    def no_gradient_sync():
+    def sync_contradicts_switch():
         model = sharded()
         register_fsdp(model, GradVacState(num_tasks=M))
         model.set_requires_gradient_sync(False)
-        gradvac_dist.backward(model, task_losses(model(x), ys))
+        gradvac_dist.backward(model, task_losses(model(x), ys), sync=True)
 
     def not_root():
         model = sharded()

@@ -24,7 +24,8 @@ CONFIGS = [
     {"grouping": "whole", "raf": False, "shared": ["encoder"]},
     {"grouping": "parameter", "raf": True, "shared": ["encoder", "gain"], "ddp": True},
     {"grouping": "module", "raf": True, "mp": True},  # MixedPrecisionPolicy(float32 compute, float64 reduce)
-    {"grouping": "module", "raf": True, "accum": 2},  # sync=False micro-batch, then sync=True
+    {"grouping": "module", "raf": True, "accum": 2},  # a micro-batch with gradient sync off, then one with it on
+    {"grouping": "parameter", "raf": False, "accum": 3, "mp": True},  # accumulated in float64, computed in float32
     {"grouping": "whole", "raf": True, "between": True},  # reshard_between_passes=True
 ]
 
@@ -68,8 +69,9 @@ def test_lockstep_and_communication(run, c):
         assert res["calls"] == {"gramian_all_reduce": STEPS, "agreement_all_reduce": 2}, (cfg, res["calls"])
         for i, (plain, step) in enumerate(zip(res["plain_counts"], res["step_counts"])):
             assert step["all_reduce"] == (2 if i == 0 else 1), (cfg, step)
-            # FSDP reduce-scatters each task's gradient: m passes, each as many groups as in a plain backward
-            assert step["reduce_scatter_single"] == M * accum * plain["reduce_scatter_single"] - _unreached(cfg), (
+            # FSDP reduce-scatters each task's gradient: m passes, each as many groups as in a plain backward;
+            # micro-batches with gradient sync off reduce nothing (their sums ride in the last one's passes)
+            assert step["reduce_scatter_single"] == M * plain["reduce_scatter_single"] - _unreached(cfg), (
                 cfg,
                 step,
                 plain,
@@ -88,7 +90,7 @@ def test_lockstep_and_communication(run, c):
 def _unreached(cfg) -> int:
     # Each head is its own FSDP group, reached by one task only: in the other m-1 passes FSDP has
     # no gradient for it and skips its reduce-scatter (a plain backward reduces every head once).
-    return M * (M - 1) * cfg.get("accum", 1)
+    return M * (M - 1)
 
 
 def test_misuse_fails_loudly(run):
@@ -101,7 +103,7 @@ def test_misuse_fails_loudly(run):
         "shared_state": ("ValueError", "already used by another model"),
         "wrong_count": ("ValueError", "got 2 losses but GradVacState(num_tasks=3)"),
         "aggregator_given": ("ValueError", "drop the aggregator argument"),
-        "no_gradient_sync": ("ValueError", "set_requires_gradient_sync(True)"),
+        "sync_contradicts_switch": ("ValueError", "contradicts the model's set_requires_gradient_sync(False)"),
         "not_root": ("ValueError", "not the root of its forward"),
         "replicated_strategy": ("ValueError", "is a DDP setting"),
         "nonfinite_raise": ("NonFiniteGradientError", "task 1's gradient is not finite"),
