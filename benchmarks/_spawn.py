@@ -47,19 +47,17 @@ def _worker(
             world_size=world,
             timeout=datetime.timedelta(seconds=timeout),
         )
-        try:
-            results = [rank_fn(rank, cfg) for cfg in cfgs]
-            conn.send_bytes(pickle.dumps(("ok", results)))
-            code = 0
-        finally:
-            dist.destroy_process_group()
+        results = [rank_fn(rank, cfg) for cfg in cfgs]
+        conn.send_bytes(pickle.dumps(("ok", results)))
+        code = 0
     except BaseException:
         try:
             conn.send_bytes(pickle.dumps(("err", traceback.format_exc())))
         except BaseException:
             pass
     finally:
-        # A normal interpreter exit after destroy_process_group() sometimes aborts (see the facts file).
+        # No destroy_process_group(): with gloo the process group's destructor runs under the GIL while
+        # its worker threads may need it, which can deadlock or abort the exit (pytorch#56297).
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

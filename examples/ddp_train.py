@@ -106,14 +106,14 @@ def main() -> None:
         print(
             f"done: {args.steps} steps on {world} ranks ({dist.get_backend()}), GradVac step {state.step}", flush=True
         )
-    dist.destroy_process_group()
+    dist.barrier()
+    # Leave now, all work and output done, without freeing the DDP module or the process group: with
+    # gloo, the process group's destructor runs under the GIL while its worker threads may need it,
+    # which can deadlock or abort the exit (seen on torch 2.13 under load; pytorch#56297).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
     main()
-    # torch 2.13 + gloo: a normal interpreter exit after destroy_process_group() sometimes aborts
-    # ("terminate called without an active exception", SIGABRT), failing a finished run. All work
-    # and output are done here, so leave without the interpreter's teardown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

@@ -193,23 +193,24 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device = torch.device("cpu")
     dist.init_process_group(args.backend)
-    try:
-        data = load(args.tasks)
-        runs = {}
-        for method, label in METHODS:
-            runs[method] = train_method(method, label, args, data, device, rank, world)
-        if rank == 0:
-            from .report import write_report
+    data = load(args.tasks)
+    runs = {}
+    for method, label in METHODS:
+        runs[method] = train_method(method, label, args, data, device, rank, world)
+    if rank == 0:
+        from .report import write_report
 
-            write_report(args, data, runs, device)
-    finally:
-        dist.destroy_process_group()
+        write_report(args, data, runs, device)
+    dist.barrier()
+    # No destroy_process_group(): run_as_script leaves with os._exit, and with gloo the process
+    # group's destructor runs under the GIL while its worker threads may need it, which can
+    # deadlock or abort the exit (seen on torch 2.13 under load; pytorch#56297).
     return 0
 
 
 def run_as_script(argv: list[str] | None = None) -> None:
-    """Runs :func:`main` and leaves with ``os._exit`` under a launcher: it sidesteps the rare SIGABRT
-    during interpreter shutdown after ``destroy_process_group()`` (torch-distributed-facts.md)."""
+    """Runs :func:`main` and leaves with ``os._exit`` under a launcher: it sidesteps the rare deadlock or
+    SIGABRT of a gloo process group's teardown at exit (torch-distributed-facts.md, pytorch#56297)."""
     under_launcher = launcher_env() is not None
     try:
         code = main(argv)

@@ -5,7 +5,10 @@
 - accelerate needs a port: :func:`free_port` picks one below the kernel's ephemeral range
   (32768+), so the ephemeral ports that gloo and other tests bind can never take it between the
   check and the launch; a random pick from 12,000 ports keeps parallel tests apart.
-- Each run sits in its own process session and is killed whole if it overruns the bound.
+- Each run sits in its own process session and, if it overruns the bound, is killed with every
+  process it started: torchrun puts its workers in sessions of their own, so killing the
+  launcher's process group alone would leave them running (and holding the output open).
+  The output goes to a file, never a pipe that a leftover worker could keep open.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -53,14 +57,39 @@ def run(args: list[str], tmp_path: Path | None = None, timeout: float = TIMEOUT_
         env["HF_HOME"] = str(tmp_path / "hf_home")  # no user-level accelerate config file
     if "GLOO_SOCKET_IFNAME" not in env and os.path.exists("/sys/class/net/lo"):
         env["GLOO_SOCKET_IFNAME"] = "lo"
-    proc = subprocess.Popen(
-        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the ranks it started
-        out, _ = proc.communicate()
-        pytest.fail(f"{' '.join(args)} did not finish in {timeout} s:\n{out}")
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc.pid)
+            proc.wait()
+            log.seek(0)
+            pytest.fail(f"{' '.join(args)} did not finish in {timeout} s:\n{log.read()}")
+        log.seek(0)
+        out = log.read()
     assert proc.returncode == 0, f"{' '.join(args)} exited with {proc.returncode}:\n{out}"
     return out
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process descended from it (read from /proc), children first found."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
