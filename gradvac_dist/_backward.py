@@ -7,10 +7,13 @@ the FSDP2 path (``_fsdp.py``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import Tensor, nn
 
+from . import _torch_compat as compat
 from ._aggregator import GradVac
 from ._checks import check_losses, reject_fsdp1
 from ._ddp import ddp_backward, is_ddp
@@ -31,6 +34,11 @@ def backward(
 ) -> None:
     """Computes GradVac's aggregated gradient of ``losses`` and writes it into the parameters' ``.grad``.
 
+    An existing ``.grad`` is kept and the aggregated gradient is added to it, as ``loss.backward()``
+    does, on every path. An enclosing ``torch.autocast`` region changes nothing: the backward passes
+    and GradVac's own arithmetic run with autocast off, as PyTorch recommends for backward passes,
+    so the result is the same as outside the region. A ``torch.compile``'d module is unwrapped.
+
     - Plain module: the per-task gradients of the trainable parameters are formed (m backward
       passes), aggregated by ``aggregator`` with blocks from ``grouping``, and written into
       ``.grad`` (accumulated onto an existing ``.grad``, as ``loss.backward()`` would).
@@ -46,13 +54,40 @@ def backward(
         grouping: ``"whole"``, ``"parameter"`` or ``"module"`` (plain modules only).
         shared_params: the parameters GradVac acts on (e.g. a shared encoder); every other
             parameter receives the plain sum of its task gradients, LibMTL's convention for heads.
-        sync: gradient accumulation. ``False``: only add each task's gradient of this micro-batch
-            to a per-task accumulator (no communication, ``.grad`` untouched; under DDP run the
-            forward inside ``ddp.no_sync()``, as for any DDP accumulation). ``True`` (the last
-            micro-batch): GradVac runs once, on the accumulated per-task gradients. Under FSDP2
-            the passes still reduce-scatter (gradients stay sharded) and the shards accumulate.
+        sync: gradient accumulation. Leave it ``None``: under DDP it follows ``ddp.no_sync()``,
+            under FSDP2 ``model.set_requires_gradient_sync``; there, and with ``sync=False`` on a
+            plain module, each task's gradient of the micro-batch is added to a per-task sum with no
+            communication and ``.grad`` is untouched, and the next synchronising call runs GradVac
+            once, on the accumulated per-task gradients. An explicit value that contradicts the
+            wrapper's switch raises.
     """
     losses = check_losses(losses)
+    model = compat.unwrap_compiled(model)
+    with _autocast_off(model):
+        _dispatch(model, losses, aggregator, grouping, shared_params, sync)
+
+
+def _autocast_off(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Autocast off for every device type it is on for, among the CPU and the model's devices."""
+    stack = contextlib.ExitStack()
+    for device_type in {"cpu", *(p.device.type for p in model.parameters())}:
+        try:
+            enabled = torch.is_autocast_enabled(device_type)
+        except RuntimeError:  # a device type autocast does not know
+            enabled = False
+        if enabled:
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
+
+
+def _dispatch(
+    model: nn.Module,
+    losses: list[Tensor],
+    aggregator: GradVac | None,
+    grouping: str,
+    shared_params: Iterable[nn.Parameter] | None,
+    sync: bool | None,
+) -> None:
     if is_ddp(model):
         if aggregator is not None:
             raise ValueError(

@@ -179,7 +179,7 @@ def layout_of(
     names: list[str] = []
     key_to_block: dict[str, int] = {}
     for i in range(len(params)):
-        if not acted[i]:
+        if not acted[i] or params[i].numel() == 0:  # nothing to act on in a 0-element parameter: no empty block
             blocks.append(-1)
             continue
         if grouping == "whole":

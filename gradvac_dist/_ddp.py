@@ -23,7 +23,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import _torch_compat as compat
 from ._blocks import BlockLayout, Segment, combine, layout_of, segments_of_range
+from ._checks import graph_nodes
 from ._comm import (
     CommCounters,
     PendingReduce,
@@ -82,10 +84,17 @@ def gradvac_hook(state: GradVacState, bucket: dist.GradBucket) -> torch.futures.
         )
     runtime = getattr(state, "_driver", None)
     if not isinstance(runtime, _DDPRuntime) or runtime.phase is _Phase.IDLE:
+        if _driving is not None and _driving is not runtime:
+            raise RuntimeError(
+                "gradvac_hook of one DistributedDataParallel module fired during gradvac_dist.backward of another: "
+                "the losses reach the parameters of two DDP modules (chained DDP models?). GradVac needs the "
+                "per-task gradients of one model: wrap the whole model in one DistributedDataParallel."
+            )
         raise RuntimeError(
             "gradvac_hook fired outside gradvac_dist.backward(ddp, losses): a plain loss.backward() cannot run "
-            "GradVac, which needs one backward pass per task. Call gradvac_dist.backward(ddp, [loss_1, ..., loss_m]) "
-            "instead; this step's gradients were not synchronised."
+            "GradVac, which needs one backward pass per task (or a rank that joined early under ddp.join(), which "
+            "GradVac does not support). Call gradvac_dist.backward(ddp, [loss_1, ..., loss_m]) instead; this "
+            "step's gradients were not synchronised."
         )
     with state.counters.phase("hook"):
         return runtime.on_bucket(bucket)
@@ -181,6 +190,11 @@ class _JoinLosses(torch.autograd.Function):
         return grads
 
 
+#: The DDP runtime whose passes are running (a plain global: hooks may run on autograd's device
+#: threads, which a context variable would not reach).
+_driving: "_DDPRuntime | None" = None
+
+
 class _Phase(enum.Enum):
     """Where a DDP step is; the hook's behaviour depends on it."""
 
@@ -198,8 +212,15 @@ class _DDPRuntime(Driver):
         self.rank, self.world = world_of(group)
         self.strategy = state.strategy or default_strategy(group)
         self.all_to_all = reduce_scatter_via_all_to_all(group)
-        params = [p for p in ddp._module_parameters if p.requires_grad]
-        self.layout: BlockLayout = layout_of(ddp.module, params, state.grouping, state.shared_params)
+        # Every parameter DDP manages, frozen ones too: DDP built its buckets from the parameters that
+        # required grad at its construction, and one frozen since then is still in a bucket (it gets no
+        # gradient, lies outside every block, and its .grad stays None).
+        params = compat.ddp_parameters(ddp)
+        self.trainable = tuple(p.requires_grad for p in params)
+        self.layout: BlockLayout = _with_frozen(
+            layout_of(ddp.module, [p for p in params if p.requires_grad], state.grouping, state.shared_params),
+            params,
+        )
         names = {id(p): n for n, p in ddp.module.named_parameters()}
         param_names = [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
         self.engine = Engine(state, group, self.layout, param_names, self.strategy)
@@ -249,9 +270,11 @@ class _DDPRuntime(Driver):
         if self.pending is None:
             first = self.params[0]
             self.pending = torch.zeros((m, self.offsets[-1]), dtype=first.dtype, device=first.device)
+        trainable = [i for i, t in enumerate(self.trainable) if t]
+        params = [self.params[i] for i in trainable]
         for task, loss in enumerate(losses):
-            grads = torch.autograd.grad(loss, self.params, retain_graph=task < m - 1, allow_unused=True)
-            for i, g in enumerate(grads):
+            grads = torch.autograd.grad(loss, params, retain_graph=task < m - 1, allow_unused=True)
+            for i, g in zip(trainable, grads):
                 if g is not None:
                     self.pending[task, self.offsets[i] : self.offsets[i + 1]].add_(g.reshape(-1))
 
@@ -368,8 +391,19 @@ class _DDPRuntime(Driver):
         fut.set_result(value)
 
 
+def _with_frozen(layout: BlockLayout, params: Sequence[nn.Parameter]) -> BlockLayout:
+    """``layout`` (of the trainable parameters) extended to all of ``params``, frozen ones outside every block."""
+    blocks = iter(layout.param_blocks)
+    return BlockLayout(
+        tuple(p.numel() for p in params),
+        tuple(next(blocks) if p.requires_grad else -1 for p in params),
+        layout.num_blocks,
+        layout.names,
+    )
+
+
 def _find_state(ddp: DistributedDataParallel) -> GradVacState:
-    hooks = [state for hook, state in getattr(ddp, "_comm_hooks", []) if hook is gradvac_hook]
+    hooks = compat.hook_states(ddp, gradvac_hook)
     if not hooks:
         raise ValueError(
             "gradvac_dist.backward(ddp, losses) needs gradvac_hook registered on this DDP module: "
@@ -381,7 +415,7 @@ def _find_state(ddp: DistributedDataParallel) -> GradVacState:
     return state
 
 
-def _bind(ddp: DistributedDataParallel) -> _DDPRuntime:
+def _bind(ddp: DistributedDataParallel, losses: Sequence[Tensor]) -> _DDPRuntime:
     """The first step of a DDP module: finds its state, checks the configuration, attaches a runtime.
 
     A rank that fails here still takes part in the rank agreement (see ``_agreement.py``), so that
@@ -392,6 +426,7 @@ def _bind(ddp: DistributedDataParallel) -> _DDPRuntime:
         state = _find_state(ddp)
         check_ddp_configuration(ddp)
         runtime = _DDPRuntime(state, ddp)
+        _refuse_other_ddp_modules(ddp, losses)
         attach(ddp, runtime)
     except (ValueError, TypeError, RuntimeError) as err:
         group = state.process_group if state is not None else None
@@ -412,12 +447,20 @@ def check_ddp_configuration(ddp: DistributedDataParallel) -> None:
             "GradVac under DDP cannot run with static_graph=True: DDP then skips or desynchronises the reductions of "
             "the second and later backward passes. Construct DistributedDataParallel with static_graph=False."
         )
-    reducer = getattr(ddp, "reducer", None)
-    if reducer is None or not hasattr(reducer, "prepare_for_backward"):
-        raise RuntimeError(
-            f"this torch release ({torch.__version__}) lacks DistributedDataParallel.reducer.prepare_for_backward, "
-            "which gradvac_dist needs to run one backward pass per task; use torch 2.13."
-        )
+    compat.check_ddp(ddp)
+
+
+def _refuse_other_ddp_modules(ddp: DistributedDataParallel, losses: Sequence[Tensor]) -> None:
+    """At the first step: the losses must not also come through another DDP module's forward (chained
+    DDP models), whose reducer would reduce only the first of the m passes. One walk of the graph."""
+    for node in graph_nodes(losses):
+        other = compat.ddp_of_sink(node)
+        if other is not None and other is not ddp:
+            raise ValueError(
+                "the losses also come through the forward of another DistributedDataParallel module (chained DDP "
+                "models): its reducer would synchronise only the first of GradVac's m backward passes, leaving its "
+                "parameters' gradients different on every rank. Wrap the whole model in one DistributedDataParallel."
+            )
 
 
 def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor], sync: bool | None = None) -> None:
@@ -427,9 +470,24 @@ def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor], sync: b
     gradient of this micro-batch, no communication; the next step outside ``no_sync`` adds it to
     its buckets. An existing ``.grad`` is kept and the aggregated gradient is added to it.
     """
+    if compat.join_enabled(ddp):
+        raise ValueError(
+            "GradVac does not support ddp.join() (uneven inputs): a rank that has joined imitates one backward pass "
+            "per step, while GradVac runs m. Give every rank the same number of batches (e.g. "
+            "DistributedSampler(..., drop_last=True)) and leave join() out."
+        )
     runtime = driver_of(ddp)
     if not isinstance(runtime, _DDPRuntime):
-        runtime = _bind(ddp)
+        runtime = _bind(ddp, losses)
+    if tuple(p.requires_grad for p in runtime.params) != runtime.trainable:
+        changed = [
+            n for n, p, t in zip(runtime.engine.param_names, runtime.params, runtime.trainable) if p.requires_grad != t
+        ]
+        raise ValueError(
+            f"parameters {changed[:5]} were frozen or unfrozen after the first GradVac step: the blocks and DDP's "
+            "buckets were built for the trainable parameters then. Change requires_grad before wrapping the model, "
+            "or build a new DistributedDataParallel and GradVacState after changing it."
+        )
     wrapper_sync = bool(ddp.require_backward_grad_sync)
     sync = wrapper_sync if sync is None else sync
     if sync:
@@ -457,17 +515,20 @@ def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor], sync: b
     # forward, which returns no losses), the heads of the earlier tasks count as unused and keep
     # the zeros of their own pass. Earlier passes need no tie (they return zeros anyway).
     passes = [*losses[:-1], _JoinLosses.apply(*losses)[-1]] if m > 1 else losses
+    global _driving
     done = False
     try:
+        _driving = runtime
         for task, loss in enumerate(passes):
             runtime.begin_pass(task)
-            ddp.reducer.prepare_for_backward([loss])
+            compat.prepare_for_backward(ddp, loss)
             loss.backward(retain_graph=task < m - 1)
             runtime.end_pass()
         if runtime.phase is not _Phase.DONE or runtime.outcome is None:
             raise RuntimeError("the last backward pass did not complete the GradVac step (no last bucket seen).")
         done = True
     finally:
+        _driving = None
         runtime.disarm()
         runtime.restore_grads(prior, add=done)
     runtime.engine.finish(runtime.outcome)

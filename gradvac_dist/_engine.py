@@ -56,6 +56,7 @@ __all__ = [
     "check_in_sync",
     "detach",
     "driver_of",
+    "drivers",
     "settings",
 ]
 
@@ -362,6 +363,11 @@ def attach(model: nn.Module, driver: Driver) -> None:
 def driver_of(model: nn.Module) -> Driver | None:
     """The driver attached to ``model``, if any."""
     return _DRIVERS.get(model)
+
+
+def drivers() -> list[Driver]:
+    """Every driver attached to a live model."""
+    return list(_DRIVERS.values())
 
 
 def detach(driver: Driver) -> None:

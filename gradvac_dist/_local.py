@@ -11,10 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import _torch_compat as compat
 from ._aggregator import GradVac
 from ._blocks import layout_of
+from ._checks import graph_nodes
+from ._engine import drivers
 from ._errors import NonFiniteGradientError, nonfinite_message
 
 __all__ = ["local_backward", "task_jacobian"]
@@ -30,8 +34,10 @@ def task_jacobian(losses: Sequence[Tensor], params: Sequence[nn.Parameter]) -> T
     It also fails on ops without a batching rule.
     """
     m, n = len(losses), sum(p.numel() for p in params)
-    first = params[0]
-    jac = torch.empty((m, n), dtype=first.dtype, device=first.device)
+    dtype = params[0].dtype
+    for p in params[1:]:  # parameters of several dtypes (float32 and bfloat16, say): the widest
+        dtype = torch.promote_types(dtype, p.dtype)
+    jac = torch.empty((m, n), dtype=dtype, device=params[0].device)
     for i, loss in enumerate(losses):
         grads = torch.autograd.grad(loss, params, retain_graph=i < m - 1, allow_unused=True)
         offset = 0
@@ -59,6 +65,8 @@ def local_backward(
             "backward(model, losses, aggregator): a plain module needs aggregator=gradvac_dist.GradVac(...), "
             f"got {aggregator!r}."
         )
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        _refuse_wrapped(model, losses, first_step=aggregator.step == 0)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no parameter with requires_grad=True.")
@@ -77,10 +85,25 @@ def local_backward(
     for p in params:
         g = aggregated[offset : offset + p.numel()].view_as(p)
         if p.grad is None:
-            p.grad = g.clone()
+            p.grad = g.to(p.dtype, copy=True)  # its own storage, in the parameter's dtype
         else:
-            p.grad.add_(g)
+            p.grad.add_(g.to(p.dtype))
         offset += p.numel()
+
+
+def _refuse_wrapped(model: nn.Module, losses: Sequence[Tensor], first_step: bool) -> None:
+    """In a job of several ranks, refuses the single-process path on a module a DDP module wraps: it would
+    give each rank its own GradVac step on its own gradients, and the ranks would drift apart."""
+    wrapped = any(getattr(driver.module, "module", None) is model for driver in drivers())
+    if not wrapped and first_step:  # the forward went through a DDP module (one walk of the graph)
+        wrapped = any(compat.ddp_of_sink(node) is not None for node in graph_nodes(losses))
+    if wrapped:
+        raise ValueError(
+            "backward(module, losses, GradVac()) on a module a DistributedDataParallel wraps: that runs GradVac on "
+            "this rank's gradients alone, with no communication, and the ranks would drift apart. Pass the "
+            "DistributedDataParallel module itself, with gradvac_dist.gradvac_hook registered: "
+            "gradvac_dist.backward(ddp, losses)."
+        )
 
 
 def _locate_nonfinite(jac: Tensor, numels: Sequence[int], names: Sequence[str]) -> tuple[int | None, str | None]:

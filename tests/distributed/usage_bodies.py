@@ -102,38 +102,22 @@ def fsdp_settings_differ_body(rank, world):
 
 
 def autocast_body(rank, world):
-    """backward inside an autocast region: GradVac's own arithmetic is not lowered.
-
-    Autocast lowers the matmuls of the backward passes themselves (torch does that for a plain
-    loss.backward() too), so the reference is GradVac computed outside autocast on the per-task
-    gradients those lowered passes give: the task Jacobian is formed inside the region.
-    """
-    model = make_model().float()
-    plain = copy.deepcopy(model)
+    """backward inside an autocast region gives exactly the .grad it gives outside, on every path."""
+    base = make_model().float()
     x, ys = (t.float() for t in batch(0, rank, world))
-    cols, sizes = block_columns(plain, "module", None)
-    params = list(plain.parameters())
-    losses = task_losses(plain(x), ys)  # forward outside the region, as below
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        rows = []
-        for i, loss in enumerate(losses):
-            gs = torch.autograd.grad(loss, params, retain_graph=i < M - 1, allow_unused=True)
-            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params)]))
-    local = torch.stack(rows)
-    gathered = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local)
-    out = {}
-    ddp, _ = _ddp(model, grouping="module")
-    losses = task_losses(ddp(x), ys)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        gradvac_dist.backward(ddp, losses)
-    out["ddp"] = _rel(_grad(model), reference_grad(GradVac(), torch.stack(gathered).mean(0), cols, sizes))
-    single = copy.deepcopy(plain)  # the single-process path, on this rank's batch
-    losses = task_losses(single(x), ys)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        gradvac_dist.backward(single, losses, GradVac(), grouping="module")
-    out["single"] = _rel(_grad(single), reference_grad(GradVac(), local, cols, sizes))
-    return out
+    grads = {}
+    for path in ("ddp", "single"):
+        for where in ("outside", "inside"):
+            model = copy.deepcopy(base)
+            target = _ddp(model, grouping="module")[0] if path == "ddp" else model
+            losses = task_losses(target(x), ys)
+            args = (target, losses) if path == "ddp" else (target, losses, GradVac())
+            kwargs = {} if path == "ddp" else {"grouping": "module"}
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=where == "inside"):
+                gradvac_dist.backward(*args, **kwargs)
+            grads[path, where] = _grad(model)
+    # before the fix: about 4e-3 relative (the passes and the Gramians lowered to bf16)
+    return {path: _rel(grads[path, "inside"], grads[path, "outside"]) for path in ("ddp", "single")}
 
 
 def accumulation_body(rank, world, micro=2):
@@ -155,7 +139,9 @@ def accumulation_body(rank, world, micro=2):
     out = {"err": _rel(_grad(model), reference_grad(ref, total, cols, sizes)), "steps": state.step}
     x, ys = batch(9, rank, world)
     with ddp.no_sync():
-        out["sync_true_inside_no_sync"] = _capture(lambda: gradvac_dist.backward(ddp, task_losses(ddp(x), ys), sync=True))
+        out["sync_true_inside_no_sync"] = _capture(
+            lambda: gradvac_dist.backward(ddp, task_losses(ddp(x), ys), sync=True)
+        )
     out["sync_false_outside"] = _capture(lambda: gradvac_dist.backward(ddp, task_losses(ddp(x), ys), sync=False))
     return out
 
@@ -209,3 +195,93 @@ def module_forward_body(rank, world, strategy, grouping):
         ref_opt.step()
         ref_opt.zero_grad()
     return {"errs": errs, "head_errs": head_errs}
+
+
+def wrapped_module_body(rank, world):
+    """backward(ddp.module, losses, GradVac()) in a multi-rank job: refused, whichever way it is reached."""
+    x, ys = batch(0, rank, world)
+    ddp, _ = _ddp(make_model())
+    out = {
+        "forward_through_ddp": _capture(lambda: gradvac_dist.backward(ddp.module, task_losses(ddp(x), ys), GradVac()))
+    }
+    ddp, _ = _ddp(make_model())
+    gradvac_dist.backward(ddp, task_losses(ddp(x), ys))  # a proper step binds the DDP module
+    out["after_a_step"] = _capture(lambda: gradvac_dist.backward(ddp.module, task_losses(ddp.module(x), ys), GradVac()))
+    return out
+
+
+def frozen_after_wrap_body(rank, world):
+    """A parameter frozen between DistributedDataParallel(...) and the first step: exact; unfrozen later: refused."""
+    model = make_model()
+    ddp, _ = _ddp(model, grouping="module")
+    model.gain.requires_grad_(False)
+    plain = copy.deepcopy(model)  # the reference has the same parameter frozen
+    cols, sizes = block_columns(plain, "module", None)
+    x, ys = batch(0, rank, world)
+    expected = reference_grad(GradVac(), _mean_jacobian(plain, x, ys, world), cols, sizes)
+    gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
+    got = torch.cat(
+        [(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in model.parameters() if p.requires_grad]
+    )
+    out = {"err": _rel(got, expected), "frozen_grad_is_none": model.gain.grad is None}
+    model.gain.requires_grad_(True)
+    out["unfrozen"] = _capture(lambda: gradvac_dist.backward(ddp, task_losses(ddp(x), ys)))
+    return out
+
+
+def join_body(rank, world):
+    """ddp.join() is refused on every rank before any collective of GradVac's."""
+    ddp, state = _ddp(make_model())
+    x, ys = batch(0, rank, world)
+    with ddp.join():
+        err = _capture(lambda: gradvac_dist.backward(ddp, task_losses(ddp(x), ys)))
+    return {"join": err, "moved": sum(state.counters.calls.values())}
+
+
+class _Encoder(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.encoder, self.gain = model.encoder, model.gain
+
+    def forward(self, x):
+        return self.encoder(x) * self.gain
+
+
+class _Heads(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.heads = model.heads
+
+    def forward(self, h):
+        return [head(h).squeeze(-1) for head in self.heads]
+
+
+def chained_body(rank, world, first_hooked):
+    """B consumes A's output, two DDP modules: refused on every rank (A would reduce only the first pass)."""
+    model = make_model()
+    a = DDP(_Encoder(model), find_unused_parameters=True)
+    if first_hooked:
+        a.register_comm_hook(GradVacState(num_tasks=M), gradvac_hook)
+    b, _ = _ddp(_Heads(model))
+    x, ys = batch(0, rank, world)
+    return _capture(lambda: gradvac_dist.backward(b, task_losses(b(a(x)), ys)))
+
+
+def compiled_body(rank, world):
+    """backward(torch.compile(ddp), losses): exact (the compiled wrapper is unwrapped)."""
+    torch._dynamo.reset()
+    model = make_model()
+    plain = copy.deepcopy(model)
+    ddp = DDP(model, find_unused_parameters=True)  # dynamo's DDP optimizer needs buckets of its default size
+    ddp.register_comm_hook(GradVacState(num_tasks=M, grouping="parameter"), gradvac_hook)
+    compiled = torch.compile(ddp, backend="eager")
+    cols, sizes = block_columns(plain, "parameter", None)
+    ref = GradVac()
+    errs = []
+    for step in range(2):
+        x, ys = batch(step, rank, world)
+        expected = reference_grad(ref, _mean_jacobian(plain, x, ys, world), cols, sizes)
+        gradvac_dist.backward(compiled, task_losses(compiled(x), ys))
+        errs.append(_rel(_grad(model), expected))
+        model.zero_grad()
+    return errs
