@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 _NAME = os.environ.get("GRADVAC_TEST_DTYPE", "float64")
@@ -26,3 +27,12 @@ def tensor_(data, **kwargs) -> torch.Tensor:
 def randn_(*shape, generator: torch.Generator | None = None) -> torch.Tensor:
     """``torch.randn`` in the suite's dtype."""
     return torch.randn(*shape, generator=generator, dtype=DTYPE)
+
+
+#: FSDP2 on a CPU mesh (gloo) runs from torch 2.7 (torch.cpu.Stream.record_event); on older releases
+#: gradvac_dist refuses it with a clear error, which test_fsdp.py::test_fsdp2_on_cpu_refused_without_cpu_streams
+#: checks on every release.
+FSDP_ON_CPU = hasattr(torch.cpu.Stream, "record_event")
+needs_fsdp_on_cpu = pytest.mark.skipif(
+    not FSDP_ON_CPU, reason=f"FSDP2 on a CPU mesh needs torch 2.7 or later (this is {torch.__version__})"
+)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import re
 
 from benchmarks.fsdp import LABELS, main
+from tests.settings import needs_fsdp_on_cpu
+
+pytestmark = needs_fsdp_on_cpu
 
 
 def test_quick_run_prints_ratios_counts_and_memory(capsys):

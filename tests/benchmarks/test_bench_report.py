@@ -13,6 +13,9 @@ import struct
 import pytest
 
 from benchmarks.__main__ import main
+from tests.settings import needs_fsdp_on_cpu
+
+pytestmark = needs_fsdp_on_cpu
 
 pytest.importorskip("matplotlib")
 

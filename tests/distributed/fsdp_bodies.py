@@ -156,6 +156,11 @@ def _all_gathers(counts: dict[str, int]) -> int:
     return sum(v for k, v in counts.items() if k.startswith("all_gather"))
 
 
+def _reduce_scatters(counts: dict[str, int]) -> int:
+    # FSDP2 calls reduce_scatter_single from torch 2.13, reduce_scatter_tensor before
+    return sum(v for k, v in counts.items() if k.startswith("reduce_scatter"))
+
+
 def run_config(
     rank,
     world,
@@ -438,3 +443,15 @@ def cuda_equivalence_body(rank, world, configs):
     DEVICE = torch.device("cuda", rank)
     counter = CollectiveCounter()
     return [run_config(rank, world, counter, **cfg) for cfg in configs]
+
+
+def refused_without_cpu_streams_body(rank, world, hide):
+    model = shard(make_model(), world)
+    saved = getattr(torch.cpu.Stream, "record_event", None)
+    if hide:
+        del torch.cpu.Stream.record_event
+    try:
+        return _capture(lambda: register_fsdp(model, GradVacState(num_tasks=M)))
+    finally:
+        if saved is not None and not hasattr(torch.cpu.Stream, "record_event"):
+            torch.cpu.Stream.record_event = saved

@@ -8,6 +8,9 @@ import re
 import shutil
 
 from tests.distributed.launchers import run, torchrun
+from tests.settings import needs_fsdp_on_cpu
+
+pytestmark = needs_fsdp_on_cpu
 
 
 def _torchrun(*args: str) -> str:

@@ -6,6 +6,7 @@ import pytest
 
 from tests.distributed import usage_bodies as bodies
 from tests.distributed.harness import run_distributed
+from tests.settings import needs_fsdp_on_cpu
 
 
 def test_ranks_set_up_differently_are_refused_on_every_rank_naming_the_setting():
@@ -39,6 +40,7 @@ def test_ranks_set_up_differently_are_refused_on_every_rank_naming_the_setting()
     assert "could not be set up on another rank" in results[0]["setup_fails_on_one_rank"][1]
 
 
+@needs_fsdp_on_cpu
 def test_fsdp_ranks_set_up_differently_are_refused_at_registration():
     results = run_distributed(bodies.fsdp_settings_differ_body, 2, timeout=180)
     for res in results:
