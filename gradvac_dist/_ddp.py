@@ -104,6 +104,7 @@ class _BucketPlan:
     """Where a bucket's columns go: its segments, this rank's piece of it, and its stash."""
 
     __slots__ = (
+        "buffer",
         "full_segments",
         "future",
         "gram_segments",
@@ -166,6 +167,7 @@ class _BucketPlan:
             self.scratch = self.recv = None
         self.works: list[PendingReduce | None] = [None] * m
         self.future: torch.futures.Future[Tensor] | None = None
+        self.buffer: Tensor | None = None  # the bucket's buffer in the last pass, until the step resolves it
         self.sharded = sharded
 
     def own_columns(self) -> Tensor:
@@ -210,7 +212,8 @@ class _DDPRuntime(Driver):
         super().__init__(ddp, state)
         group = state.process_group
         self.rank, self.world = world_of(group)
-        self.strategy = state.strategy or default_strategy(group)
+        # One rank: nothing to reduce, and both strategies are a copy into the stash.
+        self.strategy = "replicated" if self.world == 1 else state.strategy or default_strategy(group)
         self.all_to_all = reduce_scatter_via_all_to_all(group)
         # Every parameter DDP manages, frozen ones too: DDP built its buckets from the parameters that
         # required grad at its construction, and one frozen since then is still in a bucket (it gets no
@@ -331,7 +334,9 @@ class _DDPRuntime(Driver):
         if self.pending is not None:  # earlier micro-batches of this step (gradient accumulation)
             for index, start, stop in plan.params_in_bucket:
                 buf[start:stop].add_(self.pending[task, self.offsets[index] : self.offsets[index + 1]])
-        if self.strategy == "sharded":
+        if self.world == 1:
+            plan.stash[task].copy_(buf)
+        elif self.strategy == "sharded":
             if task > 0:
                 prev = plan.works[task - 1]
                 if prev is not None:
@@ -347,7 +352,7 @@ class _DDPRuntime(Driver):
         if task < m - 1:
             fut.set_result(buf.zero_())
             return fut
-        plan.future = fut
+        plan.future, plan.buffer = fut, buf
         if bucket.is_last():
             with counters.phase("step"):
                 self._finish_step()
@@ -367,11 +372,11 @@ class _DDPRuntime(Driver):
         pieces = [Piece(plan.own_columns(), plan.gram_segments, plan.param_segments) for plan in plans]
         outcome = self.engine.step(pieces)
         with counters.phase("combine"):
-            self._combine_and_resolve(plans, outcome.coefficients)
+            self._combine_and_resolve(plans, outcome.coefficients, [p.buffer for p in plans])
         self.outcome = outcome
         self.phase = _Phase.DONE
 
-    def _combine_and_resolve(self, plans: list[_BucketPlan], coef: Tensor) -> None:
+    def _combine_and_resolve(self, plans: list[_BucketPlan], coef: Tensor, buffers: list[Tensor]) -> None:
         group, counters = self.state.process_group, self.state.counters
         if self.strategy == "sharded":
             pending = []
@@ -381,12 +386,12 @@ class _DDPRuntime(Driver):
             for plan, work in pending:
                 work.wait()
                 self._resolve(plan, plan.scratch[: plan.length])
-        else:
-            for plan in plans:
-                self._resolve(plan, combine(plan.stash, coef, plan.full_segments))
+        else:  # into the bucket's own buffer, which DDP copies into .grad: no n-sized allocation a step
+            for plan, buf in zip(plans, buffers):
+                self._resolve(plan, combine(plan.stash, coef, plan.full_segments, out=buf))
 
     def _resolve(self, plan: _BucketPlan, value: Tensor) -> None:
-        fut, plan.future = plan.future, None
+        fut, plan.future, plan.buffer = plan.future, None, None
         assert fut is not None, "every bucket of the last pass must have an open future"
         fut.set_result(value)
 

@@ -209,7 +209,7 @@ class Engine:
         covers at the next step: no collective is tied to a load, so a load made on some ranks only
         is reported, never turned into mismatched collectives.
         """
-        if remember and self.agreed:
+        if (remember and self.agreed) or self.world == 1:
             return
         mine = settings(self.state, self.strategy, self.layout, self.param_names, num_losses)
         check_agreement(mine, AGREEMENT_ENTRIES, self.group, self.state.counters)
@@ -233,8 +233,9 @@ class Engine:
                 for block, start, stop in piece.segments:
                     if block < 0:
                         outside += piece.data[:, start:stop].sum(dim=1, dtype=torch.float64)
-        with counters.phase("gramian_all_reduce"):
-            all_reduce_sum(buf, self.group, counters, "gramian_all_reduce")
+        if self.world > 1:  # one rank: its Gramians are the sums already
+            with counters.phase("gramian_all_reduce"):
+                all_reduce_sum(buf, self.group, counters, "gramian_all_reduce")
         with counters.phase("coefficients"):
             on_host = device.type == "cpu" or num_blocks * m * m < DEVICE_STAGE_MIN_ENTRIES
             stage = buf.cpu() if on_host else buf

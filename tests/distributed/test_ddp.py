@@ -56,6 +56,15 @@ def test_equivalence_with_core_and_lockstep(world):
             assert "task_reduce_scatter" not in calls and "result_all_gather" not in calls
 
 
+def test_one_rank_is_exact_and_communicates_nothing():
+    """W=1: both strategies are a copy into the stash; no collective of GradVac's runs."""
+    configs = [dict(cfg, steps=2) for cfg in CONFIGS[:6]]
+    for c, res in enumerate(run_distributed(ddp_bodies.equivalence_body, 1, configs, timeout=180)[0]):
+        assert res["max_rel_err"] < 1e-10, (configs[c], res["max_rel_err"])
+        assert res["calls"] == {}, (configs[c], res["calls"])
+        assert res["buffers"]["stash"] == 3 * res["numel"] * 8
+
+
 def test_checkpoint_resume_on_another_world_size():
     straight = run_distributed(ddp_bodies.checkpoint_body, 2, 4, timeout=120)[0]
     half = run_distributed(ddp_bodies.checkpoint_body, 2, 2, timeout=120)
