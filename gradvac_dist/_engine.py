@@ -245,7 +245,10 @@ class Engine:
                 stage_gram = stage[: num_blocks * m * m].view(num_blocks, m, m)
                 result = traj.advance(stage_gram, self.block_sizes, state.config, check_inputs=False)
                 state.last_result = result
-                return StepOutcome(result.coefficients.to(device, non_blocking=True), None)
+                coefficients = result.coefficients
+                if coefficients.device != device:  # host stage, accelerator pieces: an asynchronous copy
+                    coefficients = coefficients.pin_memory().to(device, non_blocking=True)
+                return StepOutcome(coefficients, None)
             state.last_result = None
             counters.calls["skipped_step"] += 1
             coefficients = torch.ones((num_blocks, m), dtype=torch.float64, device=device)

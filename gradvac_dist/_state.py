@@ -110,6 +110,8 @@ class Trajectory:
         else:
             targets = self.targets.to(gramians.device)
         order = draw_order(m, self.generator)
+        if gramians.device.type != "cpu":  # pinned, so the copy is asynchronous: no host synchronisation
+            order = order.pin_memory().to(gramians.device, non_blocking=True)
         result = gradvac_step(gramians, targets, order, beta=config.beta, eps=config.eps, check_inputs=check_inputs)
         self.targets = result.targets
         self.block_sizes = block_sizes

@@ -289,3 +289,39 @@ def accumulation_body(rank, world, strategy, micro=3, steps=2):
         "gramian": state.counters.calls["gramian_all_reduce"],
         "misuse": misuse,
     }
+
+
+def cuda_sync_count_body(rank, world):
+    """Host synchronisations of one GradVac-DDP step beyond those of the same m-pass DDP step."""
+    import warnings
+
+    torch.cuda.set_device(rank)
+    device = f"cuda:{rank}"
+
+    def count(gradvac: bool) -> int:
+        model = make_model().to(device)
+        ddp = DDP(model, device_ids=[rank], find_unused_parameters=True)
+        if gradvac:
+            ddp.register_comm_hook(GradVacState(num_tasks=M, grouping="module"), gradvac_hook)
+        counts = []
+        for step in range(3):  # the first steps bind, agree and build plans: count the last
+            x, ys = (t.to(device) for t in batch(step, rank, world))
+            losses = task_losses(ddp(x), ys)
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    if gradvac:
+                        gradvac_dist.backward(ddp, losses)
+                    else:
+                        for i, loss in enumerate(losses):
+                            ddp.reducer.prepare_for_backward([loss])
+                            loss.backward(retain_graph=i < M - 1)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            counts.append(sum("synchroniz" in str(w.message) for w in caught))
+            model.zero_grad(set_to_none=True)
+        return counts[-1]
+
+    return {"plain": count(False), "gradvac": count(True)}

@@ -40,6 +40,13 @@ def test_step_never_synchronises_with_the_host():
     assert torch.isfinite(res.coefficients).all()
 
 
+def test_ddp_step_adds_exactly_one_host_synchronisation():
+    """The whole DDP step (hook, Gramians, all-reduce, coefficient stage, combine) against the same
+    m-pass DDP step: exactly the documented synchronisation more (the finiteness decision)."""
+    for res in run_distributed(ddp_bodies.cuda_sync_count_body, torch.cuda.device_count(), backend="nccl", timeout=300):
+        assert res["gradvac"] - res["plain"] == 1, res
+
+
 def test_ddp_hook_with_nccl_matches_core():
     world = torch.cuda.device_count()
     configs = [{"grouping": g, "strategy": s} for g in ("whole", "module") for s in ("replicated", "sharded")]
