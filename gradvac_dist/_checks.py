@@ -51,13 +51,17 @@ def reject_fsdp1(model: nn.Module) -> None:
 
 
 def graph_nodes(losses: Sequence[Tensor], limit: int = 1_000_000) -> Iterator[Any]:
-    """The autograd nodes the losses depend on, each once (at most ``limit``; about 1-2 us a node)."""
-    seen: set[int] = set()
+    """The autograd nodes the losses depend on, each once (at most ``limit``; about 1-2 us a node).
+
+    The nodes' Python wrappers are kept alive while walking: a wrapper that is freed can hand its
+    ``id`` to the next one (seen on torch 2.6), which would end the walk early.
+    """
+    seen: dict[int, Any] = {}
     todo = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
     while todo and len(seen) < limit:
         node = todo.pop()
         if id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node
         yield node
         todo.extend(n for n, _ in node.next_functions if n is not None)
