@@ -9,7 +9,7 @@ from ._backward import backward
 from ._blocks import GROUPINGS
 from ._checkpoint import load_checkpoint, save_checkpoint
 from ._comm import STRATEGIES, CommCounters
-from ._ddp import gradvac_hook
+from ._ddp import gradvac_hook, register_ddp
 from ._errors import NonFiniteGradientError
 from ._fsdp import FSDPGradVac, register_fsdp
 from ._state import GradVacConfig, GradVacState
@@ -30,6 +30,7 @@ __all__ = [
     "gradvac_hook",
     "gradvac_step",
     "load_checkpoint",
+    "register_ddp",
     "register_fsdp",
     "save_checkpoint",
 ]

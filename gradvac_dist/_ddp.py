@@ -40,7 +40,7 @@ from ._comm import (
 from ._engine import Driver, Engine, Piece, StepOutcome, agree_on_failure, attach, driver_of
 from ._state import GradVacState
 
-__all__ = ["check_ddp_configuration", "ddp_backward", "gradvac_hook", "is_ddp"]
+__all__ = ["check_ddp_configuration", "ddp_backward", "gradvac_hook", "is_ddp", "register_ddp"]
 
 
 def is_ddp(model: nn.Module) -> bool:
@@ -98,6 +98,43 @@ def gradvac_hook(state: GradVacState, bucket: dist.GradBucket) -> torch.futures.
         )
     with state.counters.phase("hook"):
         return runtime.on_bucket(bucket)
+
+
+def register_ddp(ddp: DistributedDataParallel, state: GradVacState) -> GradVacState:
+    """Registers :func:`gradvac_hook` with ``state`` on ``ddp``, once; returns the registered state.
+
+    The same as ``ddp.register_comm_hook(state, gradvac_hook)``, for code that cannot know whether a
+    framework registered it already (PyTorch Lightning's ``DDPStrategy(ddp_comm_hook=...)`` does on
+    CUDA only): calling it again with the same state does nothing. Call it once the framework has
+    wrapped the model (Lightning: in ``on_fit_start``, ``self.trainer.strategy.model``).
+
+    Raises:
+        ValueError: ``ddp`` is not a DistributedDataParallel module, or it has another comm hook, or
+            gradvac_hook with another state.
+    """
+    if not isinstance(ddp, DistributedDataParallel):
+        raise ValueError(
+            f"register_ddp needs the DistributedDataParallel module, got a {type(ddp).__name__} (with Lightning: "
+            "self.trainer.strategy.model, once the strategy has wrapped the model, e.g. in on_fit_start)."
+        )
+    if not isinstance(state, GradVacState):
+        raise TypeError(f"register_ddp(ddp, state): state must be a gradvac_dist.GradVacState, got {state!r}.")
+    compat.check_ddp(ddp)
+    registered = compat.hook_states(ddp, gradvac_hook)
+    if registered:
+        if registered[0] is not state:
+            raise ValueError(
+                "gradvac_hook is already registered on this DDP module with another GradVacState; use that one "
+                "(DDP takes one comm hook per module)."
+            )
+        return state
+    if compat.has_comm_hook(ddp):
+        raise ValueError(
+            "this DDP module has another comm hook already (DDP takes one per module); GradVac's hook reduces the "
+            "gradients itself, so register gradvac_hook alone."
+        )
+    ddp.register_comm_hook(state, gradvac_hook)
+    return state
 
 
 class _BucketPlan:

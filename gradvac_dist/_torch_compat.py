@@ -62,6 +62,7 @@ __all__ = [
     "fsdp_root_state",
     "give_unsharded_grad",
     "gradient_sync_enabled",
+    "has_comm_hook",
     "hook_states",
     "is_last_backward",
     "is_root",
@@ -109,6 +110,11 @@ def prepare_for_backward(ddp: nn.Module, loss: Tensor) -> None:
 def hook_states(ddp: nn.Module, hook: Callable[..., Any]) -> list[Any]:
     """The states registered with ``hook`` through ``ddp.register_comm_hook``."""
     return [state for registered, state in getattr(ddp, "_comm_hooks", []) if registered is hook]
+
+
+def has_comm_hook(ddp: nn.Module) -> bool:
+    """Whether any comm hook was registered through ``ddp.register_comm_hook``."""
+    return bool(getattr(ddp, "_comm_hooks", []))
 
 
 def ddp_parameters(ddp: nn.Module) -> list[nn.Parameter]:

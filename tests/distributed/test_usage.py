@@ -108,3 +108,11 @@ def test_chained_ddp_modules_are_refused(first_hooked):
 def test_compiled_ddp_module_is_exact():
     for errs in run_distributed(bodies.compiled_body, 2, timeout=300):
         assert max(errs) < 1e-10, errs
+
+
+def test_register_ddp_is_idempotent_and_refuses_conflicts():
+    for res in run_distributed(bodies.register_ddp_body, 2, timeout=120):
+        assert res["first"] and res["again"] and res["step"] == 1
+        assert res["other_state"][0] == "ValueError" and "with another GradVacState" in res["other_state"][1]
+        assert res["other_hook"][0] == "ValueError" and "another comm hook" in res["other_hook"][1]
+        assert res["not_ddp"][0] == "ValueError" and "needs the DistributedDataParallel module" in res["not_ddp"][1]

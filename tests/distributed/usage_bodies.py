@@ -285,3 +285,23 @@ def compiled_body(rank, world):
         errs.append(_rel(_grad(model), expected))
         model.zero_grad()
     return errs
+
+
+def register_ddp_body(rank, world):
+    """register_ddp: idempotent with the same state, refused with another state or another hook."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    out = {}
+    ddp = DDP(make_model(), find_unused_parameters=True)
+    state = GradVacState(num_tasks=M)
+    out["first"] = gradvac_dist.register_ddp(ddp, state) is state
+    out["again"] = gradvac_dist.register_ddp(ddp, state) is state
+    out["other_state"] = _capture(lambda: gradvac_dist.register_ddp(ddp, GradVacState(num_tasks=M)))
+    other = DDP(make_model(), find_unused_parameters=True)
+    other.register_comm_hook(dist.group.WORLD, allreduce_hook)
+    out["other_hook"] = _capture(lambda: gradvac_dist.register_ddp(other, GradVacState(num_tasks=M)))
+    out["not_ddp"] = _capture(lambda: gradvac_dist.register_ddp(make_model(), GradVacState(num_tasks=M)))
+    x, ys = batch(0, rank, world)
+    gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
+    out["step"] = state.step
+    return out
