@@ -4,7 +4,7 @@ Paper: Z. Wang, Y. Tsvetkov, O. Firat, Y. Cao, "Gradient Vaccine: Investigating 
 Multi-task Optimization in Massively Multilingual Models", ICLR 2021, https://arxiv.org/abs/2010.05874
 """
 
-from ._aggregator import GradVac
+from ._aggregator import GradVac, WeightedAggregator
 from ._backward import backward
 from ._blocks import GROUPINGS
 from ._checkpoint import load_checkpoint, save_checkpoint
@@ -25,6 +25,7 @@ __all__ = [
     "GradVacState",
     "GradVacStepResult",
     "NonFiniteGradientError",
+    "WeightedAggregator",
     "backward",
     "draw_order",
     "gradvac_hook",

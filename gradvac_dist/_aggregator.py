@@ -1,4 +1,6 @@
-"""GradVac: the single-process aggregator on a Jacobian (rows are task gradients)."""
+"""The single-process aggregators on a Jacobian (rows are task gradients): GradVac, and any Gramian
+weighting (:class:`WeightedAggregator`). Both stream the Jacobian once into per-block Gramians,
+decide per-block coefficients from them, and combine the Jacobian's rows with those."""
 
 from __future__ import annotations
 
@@ -12,57 +14,34 @@ from ._blocks import Segment, combine, contiguous_segments, partial_gramians
 from ._errors import NonFiniteGradientError, nonfinite_message
 from ._state import GradVacConfig, Trajectory
 from ._step import GradVacStepResult
+from ._weighting import Weighting, check_weighting
 
-__all__ = ["GradVac"]
+__all__ = ["GradVac", "GramianAggregator", "WeightedAggregator"]
 
 
-class GradVac:
-    r"""Gradient Vaccine (Wang et al., ICLR 2021, https://arxiv.org/abs/2010.05874) on one process.
+class GramianAggregator:
+    """What :class:`GradVac` and :class:`WeightedAggregator` share: the Jacobian to per-block Gramians,
+    the finiteness decision, the combine, micro-batch accumulation and the trajectory's checkpoint.
+    Subclasses decide the coefficients (:meth:`_coefficients`)."""
 
-    ``agg(jacobian, block_sizes)`` takes the ``[m, n]`` matrix whose row ``i`` is task ``i``'s
-    gradient, splits the columns into contiguous blocks, computes one ``m x m`` Gramian per block
-    (streaming through the Jacobian once), runs :func:`gradvac_dist.gradvac_step` on them with
-    this aggregator's EMA targets, and returns the aggregated gradient
-    :math:`\sum_i p_i` (length ``n``). Results equal LibMTL's ``GradVac`` (main branch) with
-    the same visiting orders.
+    config: GradVacConfig
+    _trajectory: Trajectory
 
-    Each step's order is ``draw_order(m, g)`` on a CPU ``torch.Generator`` ``g`` seeded with
-    ``seed``, one draw per step, so two aggregators with the same seed follow the same trajectory.
-
-    Args:
-        beta: EMA rate of the targets, in ``[0, 1]``.
-        eps: stabiliser of both denominators, ``>= 0``.
-        seed: seed of the order generator.
-        on_nonfinite: ``"raise"`` (default) a :class:`~gradvac_dist.NonFiniteGradientError` when a
-            task gradient holds inf/NaN, or ``"skip"``: return the plain (non-finite) sum and leave
-            the state untouched, so that a ``GradScaler`` skips the optimizer step.
-
-    Attributes:
-        last_result: the :class:`~gradvac_dist.GradVacStepResult` of the latest step (cosines and
-            corrections for logging), or ``None``.
-    """
-
-    def __init__(self, beta: float = 0.5, eps: float = 1e-8, seed: int = 0, on_nonfinite: str = "raise") -> None:
-        self.config = GradVacConfig(beta=beta, eps=eps, seed=seed, on_nonfinite=on_nonfinite)
-        self._trajectory = Trajectory(seed)
+    def __init__(self, config: GradVacConfig) -> None:
+        self.config = config
+        self._trajectory = Trajectory(config.seed)
         self.last_result: GradVacStepResult | None = None
         self.skipped_steps = 0
         # micro-batch accumulation of backward(..., sync=False): (parameter ids, [m, n] sum so far)
         self._pending: tuple[tuple[int, ...], Tensor] | None = None
 
-    def __repr__(self) -> str:
-        c = self.config
-        return f"GradVac(beta={c.beta}, eps={c.eps}, seed={c.seed}, on_nonfinite={c.on_nonfinite!r})"
+    def _coefficients(self, gramians: Tensor, block_sizes: tuple[int, ...]) -> Tensor:
+        raise NotImplementedError
 
     @property
     def step(self) -> int:
         """Number of steps taken since creation or the last :meth:`reset`."""
         return self._trajectory.step
-
-    @property
-    def targets(self) -> Tensor | None:
-        """The EMA targets ``[K, m, m]`` (float64), or ``None`` before the first step."""
-        return self._trajectory.targets
 
     def reset(self) -> None:
         """Starts a new trajectory: zero targets, generator re-seeded, step 0, any m and blocks."""
@@ -110,10 +89,7 @@ class GradVac:
             task, block = _first_nonfinite(gramians)
             where = f"block {block}" if block is not None and num_blocks > 1 else None
             raise NonFiniteGradientError(nonfinite_message(task, where), task, None)
-        # Inputs built here (Gramians of a Jacobian, orders from draw_order); finiteness checked above.
-        result = self._trajectory.advance(gramians, block_sizes, self.config, check_inputs=False)
-        self.last_result = result
-        return combine(jacobian, result.coefficients, segments)
+        return combine(jacobian, self._coefficients(gramians, block_sizes), segments)
 
     def _accumulate(self, jacobian: Tensor, params: Sequence[Any], sync: bool) -> Tensor | None:
         """Adds a micro-batch's Jacobian to the pending sum; returns the total when ``sync``."""
@@ -141,6 +117,80 @@ class GradVac:
         """Restores :meth:`state_dict`'s output; checks it whole first, so a bad one changes nothing."""
         self._trajectory.num_tasks = None if self._trajectory.targets is None else self._trajectory.num_tasks
         self._trajectory.load_state_dict(state_dict)
+
+
+class GradVac(GramianAggregator):
+    r"""Gradient Vaccine (Wang et al., ICLR 2021, https://arxiv.org/abs/2010.05874) on one process.
+
+    ``agg(jacobian, block_sizes)`` takes the ``[m, n]`` matrix whose row ``i`` is task ``i``'s
+    gradient, splits the columns into contiguous blocks, computes one ``m x m`` Gramian per block
+    (streaming through the Jacobian once), runs :func:`gradvac_dist.gradvac_step` on them with
+    this aggregator's EMA targets, and returns the aggregated gradient
+    :math:`\sum_i p_i` (length ``n``). Results equal LibMTL's ``GradVac`` (main branch) with
+    the same visiting orders.
+
+    Each step's order is ``draw_order(m, g)`` on a CPU ``torch.Generator`` ``g`` seeded with
+    ``seed``, one draw per step, so two aggregators with the same seed follow the same trajectory.
+
+    Args:
+        beta: EMA rate of the targets, in ``[0, 1]``.
+        eps: stabiliser of both denominators, ``>= 0``.
+        seed: seed of the order generator.
+        on_nonfinite: ``"raise"`` (default) a :class:`~gradvac_dist.NonFiniteGradientError` when a
+            task gradient holds inf/NaN, or ``"skip"``: return the plain (non-finite) sum and leave
+            the state untouched, so that a ``GradScaler`` skips the optimizer step.
+
+    Attributes:
+        last_result: the :class:`~gradvac_dist.GradVacStepResult` of the latest step (cosines and
+            corrections for logging), or ``None``.
+    """
+
+    def __init__(self, beta: float = 0.5, eps: float = 1e-8, seed: int = 0, on_nonfinite: str = "raise") -> None:
+        super().__init__(GradVacConfig(beta=beta, eps=eps, seed=seed, on_nonfinite=on_nonfinite))
+
+    def _coefficients(self, gramians: Tensor, block_sizes: tuple[int, ...]) -> Tensor:
+        # Inputs built here (Gramians of a Jacobian, orders from draw_order); finiteness checked.
+        result = self._trajectory.advance(gramians, block_sizes, self.config, check_inputs=False)
+        self.last_result = result
+        return result.coefficients
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"GradVac(beta={c.beta}, eps={c.eps}, seed={c.seed}, on_nonfinite={c.on_nonfinite!r})"
+
+    @property
+    def targets(self) -> Tensor | None:
+        """The EMA targets ``[K, m, m]`` (float64), or ``None`` before the first step."""
+        return self._trajectory.targets
+
+class WeightedAggregator(GramianAggregator):
+    r"""Any Gramian weighting as a single-process aggregator: block ``k`` of the update is
+    :math:`\sum_l w_{k,l} g_{l,k}` with :math:`w_k = \mathrm{weighting}(G_k)`.
+
+    ``weighting`` maps an ``[m, m]`` Gramian to ``[m]`` task weights: TorchJD's Gramian weightings
+    (``torchjd.aggregation.UPGradWeighting()``, ``MGDAWeighting()``, ``PCGradWeighting()``,
+    ``DualProjWeighting()``, ``IMTLGWeighting()``, ``AlignedMTLWeighting()``, ...) as they are, a
+    TorchJD Gramian-weighted aggregator (``UPGrad()``: its weighting is used), or your own
+    callable. With ``block_sizes`` (or a grouping in :func:`gradvac_dist.backward`) the weighting
+    is applied to each block's Gramian. Random draws of the weighting (PCGrad's order) come from a
+    generator seeded with ``seed`` (kept in :meth:`state_dict`); weightings with state of their own
+    and matrix weightings are refused (see ``gradvac_dist/_weighting.py``).
+
+    Args:
+        weighting: the Gramian weighting.
+        seed: seed of the generator the weighting's random draws come from.
+        on_nonfinite: as for :class:`GradVac`.
+    """
+
+    def __init__(self, weighting: Weighting, seed: int = 0, on_nonfinite: str = "raise") -> None:
+        super().__init__(GradVacConfig(seed=seed, on_nonfinite=on_nonfinite))
+        self.weighting = check_weighting(weighting)
+
+    def __repr__(self) -> str:
+        return f"WeightedAggregator({self.weighting!r}, seed={self.config.seed})"
+
+    def _coefficients(self, gramians: Tensor, block_sizes: tuple[int, ...]) -> Tensor:
+        return self._trajectory.weigh(gramians, block_sizes, self.weighting).to(gramians.device)
 
 
 def _first_nonfinite(gramians: Tensor) -> tuple[int | None, int | None]:

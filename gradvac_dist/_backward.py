@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _torch_compat as compat
-from ._aggregator import GradVac
+from ._aggregator import GramianAggregator
 from ._checks import check_losses, reject_fsdp1
 from ._ddp import ddp_backward, is_ddp
 from ._fsdp import fsdp_backward, is_fsdp2
@@ -26,7 +26,7 @@ __all__ = ["backward"]
 def backward(
     model: nn.Module,
     losses: Sequence[Tensor] | Tensor,
-    aggregator: GradVac | None = None,
+    aggregator: GramianAggregator | None = None,
     *,
     grouping: str = "whole",
     shared_params: Iterable[nn.Parameter] | None = None,
@@ -50,7 +50,8 @@ def backward(
     Args:
         model: the module whose parameters receive the gradient.
         losses: one scalar loss per task (a sequence, or a 1-D tensor).
-        aggregator: a :class:`GradVac` (plain modules only); it keeps the EMA targets.
+        aggregator: a :class:`GradVac` (plain modules only; it keeps the EMA targets), or a
+            :class:`WeightedAggregator` for another Gramian weighting.
         grouping: ``"whole"``, ``"parameter"`` or ``"module"`` (plain modules only).
         shared_params: the parameters GradVac acts on (e.g. a shared encoder); every other
             parameter receives the plain sum of its task gradients, LibMTL's convention for heads.
@@ -83,7 +84,7 @@ def _autocast_off(model: nn.Module) -> contextlib.AbstractContextManager[None]:
 def _dispatch(
     model: nn.Module,
     losses: list[Tensor],
-    aggregator: GradVac | None,
+    aggregator: GramianAggregator | None,
     grouping: str,
     shared_params: Iterable[nn.Parameter] | None,
     sync: bool | None,

@@ -44,6 +44,7 @@ from ._blocks import GROUPINGS, BlockLayout, Segment, partial_gramians
 from ._comm import STRATEGIES, CommCounters, all_reduce_sum, differing_entries, world_of
 from ._errors import ON_NONFINITE, NonFiniteGradientError, nonfinite_message
 from ._state import GradVacState
+from ._weighting import weighting_name
 
 __all__ = [
     "AGREEMENT_ENTRIES",
@@ -132,6 +133,7 @@ def settings(
         Setting("seed", Kind.INT, config.seed if config else 0),
         Setting("on_nonfinite", Kind.CHOICE, config.on_nonfinite if config else None, ON_NONFINITE),
         Setting("check_sync_every", Kind.INT, (state.check_sync_every or 0) if state else 0),
+        Setting("coefficient stage (weighting)", Kind.DIGEST, weighting_name(state.weighting) if state else ""),
         Setting("trainable parameters", Kind.INT, len(param_names)),
         Setting("trainable elements", Kind.INT, sum(layout.numels) if layout else 0),
         Setting("parameters GradVac acts on (shared_params)", Kind.DIGEST, acted),
@@ -237,15 +239,21 @@ class Engine:
             with counters.phase("gramian_all_reduce"):
                 all_reduce_sum(buf, self.group, counters, "gramian_all_reduce")
         with counters.phase("coefficients"):
-            on_host = device.type == "cpu" or num_blocks * m * m < DEVICE_STAGE_MIN_ENTRIES
+            # A Gramian weighting runs on the host: in float64, identically on every rank.
+            weighting = state.weighting
+            on_host = device.type == "cpu" or weighting is not None or num_blocks * m * m < DEVICE_STAGE_MIN_ENTRIES
             stage = buf.cpu() if on_host else buf
             checks = torch.stack([torch.isfinite(stage[:size]).all(), fingerprint_agrees(stage[size:], self.world)])
             finite, in_sync = checks.tolist()  # the step's one host synchronisation; identical on every rank
             if finite and in_sync:
                 stage_gram = stage[: num_blocks * m * m].view(num_blocks, m, m)
-                result = traj.advance(stage_gram, self.block_sizes, state.config, check_inputs=False)
-                state.last_result = result
-                coefficients = result.coefficients
+                if weighting is not None:
+                    state.last_result = None
+                    coefficients = traj.weigh(stage_gram, self.block_sizes, weighting)
+                else:
+                    result = traj.advance(stage_gram, self.block_sizes, state.config, check_inputs=False)
+                    state.last_result = result
+                    coefficients = result.coefficients
                 if coefficients.device != device:  # host stage, accelerator pieces: an asynchronous copy
                     coefficients = coefficients.pin_memory().to(device, non_blocking=True)
                 return StepOutcome(coefficients, None)

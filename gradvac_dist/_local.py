@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _torch_compat as compat
-from ._aggregator import GradVac
+from ._aggregator import GramianAggregator
 from ._blocks import layout_of
 from ._checks import graph_nodes
 from ._engine import drivers
@@ -54,16 +54,16 @@ def task_jacobian(losses: Sequence[Tensor], params: Sequence[nn.Parameter]) -> T
 def local_backward(
     model: nn.Module,
     losses: Sequence[Tensor],
-    aggregator: GradVac | None,
+    aggregator: GramianAggregator | None,
     grouping: str,
     shared_params: Iterable[nn.Parameter] | None,
     sync: bool | None,
 ) -> None:
     """``gradvac_dist.backward`` on a plain module (see there); ``losses`` are already checked."""
-    if not isinstance(aggregator, GradVac):
+    if not isinstance(aggregator, GramianAggregator):
         raise ValueError(
-            "backward(model, losses, aggregator): a plain module needs aggregator=gradvac_dist.GradVac(...), "
-            f"got {aggregator!r}."
+            "backward(model, losses, aggregator): a plain module needs aggregator=gradvac_dist.GradVac(...) (or "
+            f"gradvac_dist.WeightedAggregator(weighting)), got {aggregator!r}."
         )
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         _refuse_wrapped(model, losses, first_step=aggregator.step == 0)

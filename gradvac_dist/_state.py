@@ -18,6 +18,7 @@ from ._checks import check_num_tasks
 from ._comm import STRATEGIES, CommCounters
 from ._errors import ON_NONFINITE
 from ._step import GradVacStepResult, draw_order, gradvac_step
+from ._weighting import Weighting, check_weighting, weigh_blocks
 
 __all__ = ["GradVacConfig", "GradVacState", "Trajectory", "from_plain", "to_plain"]
 
@@ -118,6 +119,16 @@ class Trajectory:
         self.num_tasks = m
         self.step += 1
         return result
+
+    def weigh(self, gramians: Tensor, block_sizes: tuple[int, ...], weighting: Weighting) -> Tensor:
+        """One step of a Gramian weighting instead of GradVac: ``[K, m]`` float64 weights, on the host."""
+        m = gramians.shape[1]
+        self.check_shape(m, block_sizes)
+        weights = weigh_blocks(weighting, gramians, self.generator)
+        self.block_sizes = block_sizes
+        self.num_tasks = m
+        self.step += 1
+        return weights
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -275,6 +286,13 @@ class GradVacState:
         check_sync_every: if set, every that many steps all ranks check (one small all-reduce) that
             they hold identical targets, generator state and step count, and raise a
             ``RuntimeError`` naming what differs. Off by default.
+        weighting: ``None`` (default): GradVac. Otherwise a Gramian weighting, a callable from an
+            ``[m, m]`` Gramian to ``[m]`` task weights (TorchJD's ``UPGradWeighting()``,
+            ``MGDAWeighting()``, ``PCGradWeighting()``, ... as they are, or a TorchJD aggregator
+            such as ``UPGrad()``), run on each block's Gramian instead of GradVac's coefficient
+            stage: identical on every rank (float64 inputs, host, random draws seeded from this
+            state's generator). ``beta`` and ``eps`` are then unused. Weightings with state of their
+            own and matrix weightings are refused (``gradvac_dist/_weighting.py`` says why).
     """
 
     __slots__ = (  # noqa: RUF023 (grouped by purpose, as PowerSGDState)
@@ -285,6 +303,7 @@ class GradVacState:
         "strategy",
         "shared_params",
         "check_sync_every",
+        "weighting",
         # communication
         "process_group",
         "counters",
@@ -307,6 +326,7 @@ class GradVacState:
         shared_params: Any = None,
         on_nonfinite: str = "raise",
         check_sync_every: int | None = None,
+        weighting: Any = None,
     ) -> None:
         self.num_tasks = check_num_tasks(num_tasks)
         self.config = GradVacConfig(beta=beta, eps=eps, seed=seed, on_nonfinite=on_nonfinite)
@@ -328,6 +348,7 @@ class GradVacState:
         ):
             raise ValueError(f"check_sync_every must be None or an int >= 1 (steps), got {check_sync_every!r}.")
         self.check_sync_every = check_sync_every
+        self.weighting: Weighting | None = None if weighting is None else check_weighting(weighting)
         self.grouping = grouping
         self.strategy = strategy
         self.shared_params = shared_params
@@ -355,7 +376,9 @@ class GradVacState:
         c = self.config
         return (
             f"GradVacState(num_tasks={self.num_tasks}, beta={c.beta}, eps={c.eps}, seed={c.seed}, "
-            f"grouping={self.grouping!r}, strategy={self.strategy!r}, step={self.step})"
+            f"grouping={self.grouping!r}, strategy={self.strategy!r}, step={self.step}"
+            + ("" if self.weighting is None else f", weighting={self.weighting!r}")
+            + ")"
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -382,6 +405,7 @@ class GradVacState:
             "strategy": self.strategy,
             "shared_params": self.shared_params,
             "check_sync_every": self.check_sync_every,
+            "weighting": self.weighting,
             "trajectory": self.trajectory.state_dict(),
         }
 
@@ -392,6 +416,7 @@ class GradVacState:
         self.strategy = state["strategy"]
         self.shared_params = state["shared_params"]
         self.check_sync_every = state["check_sync_every"]
+        self.weighting = state.get("weighting")
         self.process_group = None
         self.counters = CommCounters()
         self.trajectory = Trajectory(self.config.seed, self.num_tasks)

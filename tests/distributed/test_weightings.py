@@ -1,0 +1,42 @@
+"""TorchJD's Gramian weightings through the same engine as GradVac: exact under DDP and FSDP2 against
+TorchJD's own aggregators on the rank-mean Jacobian, whole model and per block, 2 and 3 ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed import weighting_bodies as bodies
+from tests.distributed.harness import run_distributed
+from tests.settings import needs_fsdp_on_cpu
+
+NAMES = ["UPGrad", "MGDA", "PCGrad", "DualProj", "IMTL-G", "Aligned-MTL"]
+LAYOUTS = [("whole", None), ("parameter", ["encoder"])]  # the whole model; per block (the encoder's tensors)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize(("grouping", "shared"), LAYOUTS)
+def test_ddp_equals_torchjd_on_the_rank_mean_jacobian(world, grouping, shared):
+    results = run_distributed(bodies.ddp_body, world, NAMES, grouping, shared, timeout=240)
+    for name in NAMES:
+        first = results[0][name]
+        for res in (r[name] for r in results):
+            assert res["err"] < 1e-10, (name, grouping, res["err"])
+            assert res["step"] == 2 and res["calls"]["gramian_all_reduce"] == 2, (name, res["calls"])
+            # identical on every rank, bit for bit
+            assert torch.equal(res["params"], first["params"]) and torch.equal(res["generator"], first["generator"])
+
+
+@needs_fsdp_on_cpu
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize(("grouping", "shared"), LAYOUTS)
+def test_fsdp_equals_torchjd_on_the_rank_mean_jacobian(world, grouping, shared):
+    for res in run_distributed(bodies.fsdp_body, world, NAMES, grouping, shared, timeout=240):
+        for name in NAMES:
+            assert res[name]["err"] < 1e-10 and res[name]["step"] == 2, (name, grouping, res[name])
+
+
+def test_stateful_and_matrix_weightings_are_refused():
+    for res in run_distributed(bodies.refused_body, 2, timeout=60):
+        assert res["stateful"] is not None and "keeps state between steps" in res["stateful"]
+        assert res["matrix"] is not None and "weighs the Jacobian itself" in res["matrix"]
