@@ -32,6 +32,11 @@ def test_ddp_example_with_torchrun(tmp_path, strategy):
     assert "done: 3 steps on 2 ranks (gloo), GradVac step 3" in out
 
 
+def test_upgrad_example_with_torchrun(tmp_path):
+    out = run([*torchrun(), "-m", "examples.upgrad_ddp", "--steps", "20"], tmp_path)
+    assert "done: 20 UPGrad steps on 2 ranks; held-out accuracy: left" in out
+
+
 def test_accelerate_example_with_launch_flags(tmp_path):
     args = [*accelerate(), "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
             "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),

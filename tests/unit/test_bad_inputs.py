@@ -17,7 +17,15 @@ import torch
 from torch import nn
 
 import gradvac_dist
-from gradvac_dist import GradVac, GradVacState, draw_order, gradvac_step, load_checkpoint, save_checkpoint
+from gradvac_dist import (
+    GradVac,
+    GradVacState,
+    WeightedAggregator,
+    draw_order,
+    gradvac_step,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 class Case(NamedTuple):
@@ -78,6 +86,23 @@ def _nonfinite_jac():
     j = torch.randn(3, 10, dtype=torch.float64)
     j[1, 2] = math.inf
     return j
+
+
+class _StatefulWeighting:
+    """Shaped like TorchJD's stateful weightings (which have reset()), without importing TorchJD."""
+
+    def __call__(self, gramian):
+        return torch.ones(gramian.shape[0])
+
+    def reset(self):
+        pass
+
+
+class _MatrixWeighting:
+    """Named like TorchJD's matrix-weighting base class: a weighting of the Jacobian, not of the Gramian."""
+
+    def __call__(self, matrix):
+        return torch.ones(matrix.shape[0])
 
 
 def _corrupt(tmp: pathlib.Path) -> pathlib.Path:
@@ -277,6 +302,27 @@ CASES = [
         lambda: GradVacState(num_tasks=2, check_sync_every=0),
         ValueError,
         "check_sync_every must be None or an int >= 1",
+    ),
+    Case(
+        "WeightedAggregator, GradVacState(weighting=)",
+        "a weighting with state of its own (TorchJD's Stateful ones, a module with buffers)",
+        lambda: WeightedAggregator(_StatefulWeighting()),
+        ValueError,
+        "keeps state between steps",
+    ),
+    Case(
+        "WeightedAggregator, GradVacState(weighting=)",
+        "a weighting that needs the Jacobian (TorchJD's matrix weightings)",
+        lambda: WeightedAggregator(_MatrixWeighting()),
+        ValueError,
+        "weighs the Jacobian itself",
+    ),
+    Case(
+        "WeightedAggregator()(J)",
+        "a weighting returning other than m weights",
+        lambda: WeightedAggregator(lambda g: torch.ones(1))(torch.randn(3, 10, dtype=torch.float64)),
+        ValueError,
+        "must return a tensor of m=3 weights",
     ),
     Case(
         "GradVacState.load_state_dict",
