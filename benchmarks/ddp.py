@@ -193,7 +193,7 @@ class _Variant:
 
     def update(self) -> None:
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=False)
+        self.optimizer.zero_grad()  # torch's default, set_to_none=True: every variant starts with no .grad
 
     def step(self) -> None:
         self.grads()

@@ -319,13 +319,16 @@ class _DDPRuntime(Driver):
                     self.pending[task, self.offsets[i] : self.offsets[i + 1]].add_(g.reshape(-1))
 
     def set_aside_grads(self) -> list[Tensor | None] | None:
-        """Takes existing ``.grad`` out of the way of the passes (a copy: with ``gradient_as_bucket_view``
-        it is a view of a bucket the passes overwrite); ``None`` when there is none, the usual case."""
+        """Takes existing ``.grad`` out of the way of the passes; ``None`` when there is none (after
+        ``zero_grad()``, the usual case: nothing to do). With ``gradient_as_bucket_view`` the old
+        ``.grad`` is a view of a bucket the passes overwrite, so it is copied; otherwise the tensor
+        itself is kept aside."""
         if all(p.grad is None for p in self.params):
             return None
+        view = bool(getattr(self.module, "gradient_as_bucket_view", False))
         prior = []
         for p in self.params:
-            prior.append(None if p.grad is None else p.grad.detach().clone())
+            prior.append(None if p.grad is None else p.grad.detach().clone() if view else p.grad)
             p.grad = None
         return prior
 

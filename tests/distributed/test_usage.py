@@ -64,9 +64,9 @@ def test_no_sync_alone_accumulates_exactly_and_contradictions_raise():
         assert kind == "ValueError" and "inside `with ddp.no_sync():`" in message
 
 
-@pytest.mark.parametrize("strategy", ["sharded", "replicated"])
-def test_forgotten_zero_grad_adds_like_plain_backward(strategy):
-    for err in run_distributed(bodies.forgotten_zero_grad_body, 2, strategy, timeout=120):
+@pytest.mark.parametrize(("strategy", "bucket_view"), [("sharded", False), ("replicated", False), ("sharded", True)])
+def test_forgotten_zero_grad_adds_like_plain_backward(strategy, bucket_view):
+    for err in run_distributed(bodies.forgotten_zero_grad_body, 2, strategy, bucket_view, timeout=120):
         assert err < 1e-10, err
 
 

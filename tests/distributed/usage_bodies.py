@@ -43,8 +43,8 @@ def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got - expected).norm() / expected.norm())
 
 
-def _ddp(model, **state_kwargs):
-    ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=0.002)
+def _ddp(model, bucket_view=False, **state_kwargs):
+    ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=0.002, gradient_as_bucket_view=bucket_view)
     state = GradVacState(num_tasks=state_kwargs.pop("num_tasks", M), **state_kwargs)
     ddp.register_comm_hook(state, gradvac_hook)
     return ddp, state
@@ -146,12 +146,12 @@ def accumulation_body(rank, world, micro=2):
     return out
 
 
-def forgotten_zero_grad_body(rank, world, strategy):
+def forgotten_zero_grad_body(rank, world, strategy, bucket_view):
     """Two steps without zero_grad: .grad holds the sum of both steps' GradVac gradients, as after
     two plain loss.backward() calls (the same rule as the single-process and FSDP2 paths)."""
     model = make_model()
     plain = copy.deepcopy(model)
-    ddp, _ = _ddp(model, grouping="parameter", strategy=strategy)
+    ddp, _ = _ddp(model, bucket_view=bucket_view, grouping="parameter", strategy=strategy)
     ref = GradVac()
     cols, sizes = block_columns(plain, "parameter", None)
     expected = 0
