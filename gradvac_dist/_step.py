@@ -163,8 +163,9 @@ def gradvac_step(
     :math:`\langle p_i, g_{order[i, r]}\rangle` for later visits ``r``, are kept and updated
     (at most ``K m^2`` numbers per visit, stored blocks-last so every gather reads whole rows). It is
     numerically safe: cosines are clamped to ``[-1, 1]``, square-root arguments at 0, a zero-norm
-    ``g_j`` (or a zero denominator when ``eps == 0``) gives no correction, so targets stay in
-    ``[-1, 1]`` and nothing non-finite comes out of finite inputs.
+    ``g_j``, a target of exactly ``+-1`` (no finite ``w`` reaches it) or a zero denominator when
+    ``eps == 0`` gives no correction, so targets stay in ``[-1, 1]`` and nothing non-finite comes
+    out of finite inputs.
 
     This matches LibMTL's ``GradVac`` (main branch) and the paper, ICLR 2021,
     https://arxiv.org/abs/2010.05874 .
@@ -223,7 +224,11 @@ def _step(
     t_all = old_targets.index_select(0, pair_index).view(shape)
     sqrt_1_t2 = (1.0 - t_all * t_all).clamp_min(0.0).sqrt()
     w_den = gj_norm * sqrt_1_t2 + eps
-    can = (gj_sq > 0) & (w_den > 0)  # a zero g_j, or a zero denominator when eps == 0: no correction
+    # No correction for a zero g_j, nor where sqrt(1 - t^2) = 0 (a target of exactly +-1): reaching a
+    # cosine of +-1 would take an infinite w, and the formula's w then divides by eps alone (|p|/eps,
+    # 1e8 |p|, set off by rounding noise in phi): with beta = 1 and parallel gradients that overflowed
+    # float32 within two steps.
+    can = (gj_sq > 0) & (sqrt_1_t2 > 0) & (w_den > 0)
     w_den = torch.where(can, w_den, 1.0)
     # dots[s, i] = <p_i, g_order[i, s]>, kept current as p_i is corrected (starts as <g_i, g_j>).
     dots = gram.index_select(0, pair_index).view(shape)
