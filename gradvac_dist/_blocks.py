@@ -26,6 +26,7 @@ __all__ = [
     "combine",
     "contiguous_segments",
     "exact_arithmetic",
+    "gramian_row",
     "layout_of",
     "partial_gramians",
     "segments_of_range",
@@ -248,6 +249,24 @@ def partial_gramians(
             tail = work[:, start + full * GRAMIAN_CHUNK : stop]
             if tail.shape[1]:
                 out[block] += (tail @ tail.T).to(acc_dtype)
+    return out
+
+
+def gramian_row(piece: Tensor, row: int, segments: Sequence[Segment], out: Tensor) -> Tensor:
+    """Adds ``<piece[row], piece[l]>`` per block into ``out`` (``[K, m]``, float64): one row of the
+    partial Gramians, in the same chunked arithmetic as :func:`partial_gramians`."""
+    work = piece if piece.dtype in (torch.float32, torch.float64) else piece.float()
+    with exact_arithmetic(piece.device):
+        for block, start, stop in segments:
+            if block < 0:
+                continue
+            full = (stop - start) // GRAMIAN_CHUNK
+            if full:
+                x = work[:, start : start + full * GRAMIAN_CHUNK].unflatten(1, (full, GRAMIAN_CHUNK)).transpose(0, 1)
+                out[block] += torch.bmm(x[:, row : row + 1], x.transpose(1, 2)).sum(0, dtype=out.dtype)[0]
+            tail = work[:, start + full * GRAMIAN_CHUNK : stop]
+            if tail.shape[1]:
+                out[block] += (tail[row] @ tail.T).to(out.dtype)
     return out
 
 

@@ -168,12 +168,19 @@ def start_all_reduce_pending(
 
 
 def start_all_gather(
-    padded_output: Tensor, shard: Tensor, group: dist.ProcessGroup | None, counters: CommCounters, name: str
+    outputs: Tensor | list[Tensor],
+    shard: Tensor,
+    group: dist.ProcessGroup | None,
+    counters: CommCounters,
+    name: str,
 ) -> dist.Work:
-    """Async all-gather of each rank's ``shard`` into ``padded_output`` (length ``W * len(shard)``)."""
+    """Async all-gather of each rank's ``shard`` into ``outputs``: a tensor of length ``W * len(shard)``,
+    or the W tensors (views) that rank r's shard lands in."""
     world = dist.get_world_size(group)
-    counters.record(name, padded_output)
-    work = dist.all_gather(list(padded_output.chunk(world)), shard, group=group, async_op=True)
+    outs = list(outputs.chunk(world)) if isinstance(outputs, Tensor) else list(outputs)
+    counters.calls[name] += 1
+    counters.bytes[name] += sum(t.numel() * t.element_size() for t in outs)
+    work = dist.all_gather(outs, shard, group=group, async_op=True)
     assert work is not None
     return work
 

@@ -16,6 +16,7 @@ the per-task reductions, the hook, and the driving of the passes.
 # dist.GradBucket and Future[Tensor] at registration, so they must be real objects.
 
 import enum
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -402,15 +403,22 @@ class _DDPRuntime(Driver):
         """The step, at the last bucket of the last pass: the engine's part, then combine and resolve."""
         counters, m = self.state.counters, self.state.num_tasks
         plans = [self.plans[i] for i in self.buckets_seen]
-        for plan in plans:
-            for work in plan.works:
+        for plan in plans:  # the earlier tasks' reductions (long done, as a rule)
+            for work in plan.works[: m - 1]:
                 if work is not None:
                     work.wait()
-            plan.works = [None] * m
+
+        def wait_last() -> None:  # the last task's, started by this pass: the engine waits late
+            for plan in plans:
+                work = plan.works[m - 1]
+                if work is not None:
+                    work.wait()
+                plan.works = [None] * m
+
         # Each rank's pieces: its 1/W slice of every bucket (the whole reduced shard when sharded), so
         # that the all-reduced Gramians count every column exactly once.
         pieces = [Piece(plan.own_columns(), plan.gram_segments, plan.param_segments) for plan in plans]
-        outcome = self.engine.step(pieces)
+        outcome = self.engine.step(pieces, wait_last)
         with counters.phase("combine"):
             self._combine_and_resolve(plans, outcome.coefficients, [p.buffer for p in plans])
         self.outcome = outcome
@@ -419,12 +427,19 @@ class _DDPRuntime(Driver):
     def _combine_and_resolve(self, plans: list[_BucketPlan], coef: Tensor, buffers: list[Tensor]) -> None:
         group, counters = self.state.process_group, self.state.counters
         if self.strategy == "sharded":
+            # Combine and all-gather in pieces, so that each piece travels while the next is combined.
             pending = []
             for plan in plans:
-                combined = combine(plan.stash, coef, plan.shard_segments)
-                pending.append((plan, start_all_gather(plan.scratch, combined, group, counters, "result_all_gather")))
-            for plan, work in pending:
-                work.wait()
+                shard = plan.stash.shape[1]
+                works = []
+                for lo, hi in _pieces(shard):
+                    combined = combine(plan.stash[:, lo:hi], coef, segments_of_range(plan.shard_segments, lo, hi))
+                    outputs = [plan.scratch[r * shard + lo : r * shard + hi] for r in range(self.world)]
+                    works.append(start_all_gather(outputs, combined, group, counters, "result_all_gather"))
+                pending.append((plan, works))
+            for plan, works in pending:
+                for work in works:
+                    work.wait()
                 self._resolve(plan, plan.scratch[: plan.length])
         else:  # into the bucket's own buffer, which DDP copies into .grad: no n-sized allocation a step
             for plan, buf in zip(plans, buffers):
@@ -434,6 +449,17 @@ class _DDPRuntime(Driver):
         fut, plan.future, plan.buffer = plan.future, None, None
         assert fut is not None, "every bucket of the last pass must have an open future"
         fut.set_result(value)
+
+
+#: Shards of at least twice this many elements are combined and all-gathered in pieces of about this
+#: size (at most 4), so the all-gather of one piece overlaps the combine of the next.
+PIPELINE_PIECE = 1 << 18
+
+
+def _pieces(length: int) -> list[tuple[int, int]]:
+    count = max(1, min(4, length // PIPELINE_PIECE))
+    bounds = [length * i // count for i in range(count + 1)]
+    return list(itertools.pairwise(bounds))
 
 
 def _with_frozen(layout: BlockLayout, params: Sequence[nn.Parameter]) -> BlockLayout:

@@ -23,7 +23,7 @@ that drives it; :func:`attach`, :func:`driver_of` and :func:`detach` keep it, in
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -40,7 +40,7 @@ from ._agreement import (
     payload_size,
     write_fingerprint,
 )
-from ._blocks import GROUPINGS, BlockLayout, Segment, partial_gramians
+from ._blocks import GROUPINGS, BlockLayout, Segment, gramian_row, partial_gramians
 from ._comm import STRATEGIES, CommCounters, all_reduce_sum, differing_entries, world_of
 from ._errors import ON_NONFINITE, NonFiniteGradientError, nonfinite_message
 from ._state import GradVacState
@@ -217,8 +217,14 @@ class Engine:
         check_agreement(mine, AGREEMENT_ENTRIES, self.group, self.state.counters)
         self.agreed = self.agreed or remember
 
-    def step(self, pieces: Sequence[Piece]) -> StepOutcome:
-        """Gramians of the pieces, the one all-reduce, and the coefficient stage."""
+    def step(self, pieces: Sequence[Piece], wait_last: Callable[[], None] | None = None) -> StepOutcome:
+        """Gramians of the pieces, the one all-reduce, and the coefficient stage.
+
+        ``wait_last``: the last task's rows of the pieces are still arriving (its reduction in
+        flight); the Gramian entries of the other tasks are computed first, while it travels, then
+        ``wait_last()`` is called and the last row added (the same entries, in the same chunked
+        arithmetic, whichever order they come in).
+        """
         state, counters = self.state, self.state.counters
         m, num_blocks = state.num_tasks, self.num_blocks
         assert pieces, "every rank holds at least one piece (possibly with no columns)"
@@ -230,8 +236,21 @@ class Engine:
         traj = state.trajectory
         write_fingerprint(buf[size:], traj.targets, traj.generator, traj.step, self.fingerprint_bits)
         with counters.phase("gramians"):
+            if wait_last is None or m == 1:
+                if wait_last is not None:
+                    wait_last()
+                for piece in pieces:
+                    partial_gramians(piece.data, piece.segments, num_blocks, out=gram)
+            else:
+                for piece in pieces:  # tasks 0..m-2, while the last task's reduction travels
+                    partial_gramians(piece.data[: m - 1], piece.segments, num_blocks, out=gram[:, : m - 1, : m - 1])
+                wait_last()
+                row = torch.zeros((num_blocks, m), dtype=torch.float64, device=device)
+                for piece in pieces:
+                    gramian_row(piece.data, m - 1, piece.segments, row)
+                gram[:, m - 1, :] += row
+                gram[:, : m - 1, m - 1] += row[:, : m - 1]
             for piece in pieces:
-                partial_gramians(piece.data, piece.segments, num_blocks, out=gram)
                 for block, start, stop in piece.segments:
                     if block < 0:
                         outside += piece.data[:, start:stop].sum(dim=1, dtype=torch.float64)
