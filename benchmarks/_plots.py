@@ -29,6 +29,7 @@ STYLE = {  # DDP variants: colour, marker, line style
     "c": ("tab:red", "^", "-."),
     "d": ("tab:blue", "o", "-"),
     "e": ("tab:green", "D", "-"),
+    "f": ("tab:orange", "P", ":"),
 }
 FSDP_COLOR = "tab:purple"
 SWEEPS = (("m", "number of tasks m"), ("n", "parameters n"), ("W", "world size W (gloo ranks)"))

@@ -52,7 +52,7 @@ __all__ = ["Config", "Summary", "main", "run"]
 
 GOAL = 1.15
 M = 3
-VARIANTS = ("a", "b", "c", "d", "e")
+VARIANTS = ("a", "b", "c", "d", "e", "f")
 # the phases GradVacState.counters times (see gradvac_dist.CommCounters); "step" is inside "hook"
 PHASES = ("hook", "step", "gramians", "gramian_all_reduce", "coefficients", "combine")
 LABELS = {
@@ -61,7 +61,10 @@ LABELS = {
     "c": "(c) naive GradVac, all_gather",
     "d": "(d) GradVac-DDP replicated",
     "e": "(e) GradVac-DDP sharded",
+    "f": "(f) UPGrad-DDP sharded (TorchJD's weighting)",
 }
+#: the variants that run gradvac_dist's DDP hook
+HOOKED = ("d", "e", "f")
 
 
 @dataclass
@@ -148,7 +151,7 @@ class _Variant:
         self.state: GradVacState | None = None
         self.payload: dict[str, int] = {}  # counted here for the variants without a GradVacState
         self.model: nn.Module
-        if key in ("a", "d", "e"):
+        if key in ("a", *HOOKED):
             self.model = DistributedDataParallel(module, find_unused_parameters=True, bucket_cap_mb=cfg.bucket_cap_mb)
         elif key == "b":
             self.model = DistributedDataParallel(module, bucket_cap_mb=cfg.bucket_cap_mb)
@@ -156,8 +159,14 @@ class _Variant:
             self.model = module
             self.loop = PlainLoopGradVac(m, [self.n], seed=0)
             self.gathered = torch.empty(self.world, m, self.n)
-        if key in ("d", "e"):
-            self.state = GradVacState(num_tasks=m, seed=0, strategy="replicated" if key == "d" else "sharded")
+        if key in HOOKED:
+            weighting = None
+            if key == "f":
+                from torchjd.aggregation import UPGradWeighting  # an optional extra of the library
+
+                weighting = UPGradWeighting()
+            strategy = "replicated" if key == "d" else "sharded"
+            self.state = GradVacState(num_tasks=m, seed=0, strategy=strategy, weighting=weighting)
             self.model.register_comm_hook(self.state, gradvac_hook)
         self.optimizer = torch.optim.SGD(module.parameters(), lr=1e-3)
 
@@ -172,7 +181,7 @@ class _Variant:
         elif self.key == "b":
             torch.stack(losses).sum().backward()
             self._count("ddp_all_reduce", self.n * 4)
-        elif self.key in ("d", "e"):
+        elif self.key in HOOKED:
             gradvac_backward(self.model, losses)
         else:
             jac = torch.empty(m, self.n)
@@ -260,7 +269,7 @@ def _probe_memory(cfg: Config, x: Tensor, ys: Tensor, out: RankResult) -> None:
     warm.step()
     dist.barrier()
     del warm
-    for k in ("b", "a", "e", "d", "c"):
+    for k in ("b", "a", "e", "f", "d", "c"):
         if k not in cfg.variants:
             continue
         release_and_reset_peak()
@@ -351,7 +360,7 @@ def _rank_main(rank: int, cfg: Config) -> RankResult:
             out.num_buckets = round(tasks / cfg.traffic_steps / cfg.m)
 
     if cfg.profile:  # the library's own phase clocks (GradVacState.counters with timing on)
-        for k in ("d", "e"):
+        for k in HOOKED:
             if k not in variants:
                 continue
             state = variants[k].state
@@ -419,6 +428,7 @@ def formula_bytes(key: str, n: int, world: int, m: int = M, num_blocks: int = 1)
         "c": m * n * (world - 1) * 4,  # all-gather of every rank's m x n
         "d": 2 * m * n * f * 4 + gram,  # ~2mn(W-1)/W
         "e": (m + 1) * n * f * 4 + gram,  # ~(m+1)n(W-1)/W
+        "f": (m + 1) * n * f * 4 + gram,  # the same transport as (e)
     }[key]
 
 
@@ -553,6 +563,8 @@ def _report(cfg: Config, results: list[dict[str, Any]], elapsed: float) -> tuple
                 f"{pass_fail(passed)}: {LABELS[k]} {med[k]:.1f} ms = {med[k] / base:.2f}x (a) "
                 f"(paired {paired[k]:.2f}x), goal <= {GOAL}x"
             )
+    if base and "f" in med:  # no goal: UPGrad's own QP per block is the weighting's cost, not the transport's
+        table.notes.append(f"{LABELS['f']}: {med['f']:.1f} ms = {med['f'] / base:.2f}x (a) (paired {paired['f']:.2f}x)")
     for k in keys:
         if r0["calls"].get(k):
             table.notes.append(
@@ -572,7 +584,7 @@ def _report(cfg: Config, results: list[dict[str, Any]], elapsed: float) -> tuple
             f"profile rank 0, {LABELS[k]}, ms/step: total {p['total']:.2f}; hook {p['hook']:.2f} = per-pass work "
             f"{p['hook'] - p['step']:.2f} + step {p['step']:.2f} (waits on task reductions {waits:.2f}, Gramians "
             f"{p['gramians']:.2f}, Gramian all-reduce {p['gramian_all_reduce']:.2f}, coefficients "
-            f"{p['coefficients']:.2f}, combine{' + all-gather' if k == 'e' else ''} {p['combine']:.2f})"
+            f"{p['coefficients']:.2f}, combine{' + all-gather' if k != 'd' else ''} {p['combine']:.2f})"
         )
     if hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1):
         table.notes.append("the machine was busy (load average > cores): ratios are noisy, rerun on an idle machine")
@@ -587,7 +599,7 @@ def _parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     ap.add_argument("--warmup", type=int, help="untimed steps per variant after the check steps (default 2)")
     ap.add_argument("--batch", type=int, default=64, help="batch size per rank (default 64)")
     ap.add_argument("--traffic-steps", type=int, help="steps per variant for the byte counters (default 5)")
-    ap.add_argument("--variants", default="".join(VARIANTS), help="letters of the variants to run (default abcde)")
+    ap.add_argument("--variants", default="".join(VARIANTS), help="letters of the variants to run (default abcdef)")
     ap.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket_cap_mb (default 25)")
     ap.add_argument("--profile", action="store_true", help="time the step's phases on rank 0 (extra steps)")
     ap.add_argument("--markdown", metavar="PATH", help="also write the report as markdown to PATH")

@@ -39,13 +39,14 @@ from ._timing import Table, machine_line
 __all__ = ["Plan", "Results", "collect", "main", "plan", "write_report"]
 
 MB = 1e6
-DDP_KEYS = ddp.VARIANTS  # a..e
+DDP_KEYS = ddp.VARIANTS  # a..f
 DDP_SHORT = {
     "a": "(a) m-pass DDP",
     "b": "(b) DDP summed loss",
     "c": "(c) naive all-gather GradVac",
     "d": "(d) GradVac-DDP replicated",
     "e": "(e) GradVac-DDP sharded",
+    "f": "(f) UPGrad-DDP sharded",
 }
 
 

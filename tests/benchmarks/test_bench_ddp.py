@@ -32,14 +32,14 @@ def test_quick_run_prints_the_table_and_writes_markdown(tmp_path, capsys):
     assert "DDP buckets: 1 (bucket_cap_mb=25)" in out
     # The library's phase clocks (counters.timing): every phase ran, and the nested ones fit in their parent.
     profiles = PROFILE.findall(out)
-    assert [p[0] for p in profiles] == ["(d)", "(e)"], out
+    assert [p[0] for p in profiles] == ["(d)", "(e)", "(f)"], out
     for _, *numbers in profiles:
         total, hook, per_pass, step, waits, *inner = map(float, numbers)
         assert total >= hook >= step > 0 and all(t > 0 for t in inner)
         assert per_pass >= -0.01 and waits >= -0.01  # printed to 0.01 ms: a parent minus its parts
 
     rows = [line for line in markdown.read_text().splitlines() if line.startswith("| (")]
-    assert len(rows) == 5
+    assert len(rows) == 6
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         median, counted, formula, lo, written = float(cells[1]), cells[5], cells[6], cells[7], cells[8]
