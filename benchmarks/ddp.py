@@ -67,6 +67,10 @@ LABELS = {
 HOOKED = ("d", "e", "f")
 
 
+#: --size: (in_dim, hidden, head_hidden) of the benchmark's MLP; parameters at m=3
+SIZES = {"2.4M": (512, 1024, 192), "0.1M": (128, 192, 48)}
+
+
 @dataclass
 class Config:
     world: int = 2
@@ -598,6 +602,10 @@ def _parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     ap.add_argument("--steps", type=int, help="timed steps per variant (default 20; >= 10 for a report)")
     ap.add_argument("--warmup", type=int, help="untimed steps per variant after the check steps (default 2)")
     ap.add_argument("--batch", type=int, default=64, help="batch size per rank (default 64)")
+    ap.add_argument("--world", type=int, default=2, help="gloo ranks (default 2; 1: no communication to hide)")
+    ap.add_argument(
+        "--size", choices=sorted(SIZES), default="2.4M", help="the MLP: 2.4M (default) or 0.1M parameters (at m=3)"
+    )
     ap.add_argument("--traffic-steps", type=int, help="steps per variant for the byte counters (default 5)")
     ap.add_argument("--variants", default="".join(VARIANTS), help="letters of the variants to run (default abcdef)")
     ap.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket_cap_mb (default 25)")
@@ -606,7 +614,17 @@ def _parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     ap.add_argument("--strict", action="store_true", help="exit with status 1 when the goal is missed")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds before the run is abandoned")
     args = ap.parse_args(argv)
-    cfg = Config(batch=args.batch, bucket_cap_mb=args.bucket_cap_mb, profile=args.profile, timeout=args.timeout)
+    in_dim, hidden, head_hidden = SIZES[args.size]
+    cfg = Config(
+        world=args.world,
+        batch=args.batch,
+        in_dim=in_dim,
+        hidden=hidden,
+        head_hidden=head_hidden,
+        bucket_cap_mb=args.bucket_cap_mb,
+        profile=args.profile,
+        timeout=args.timeout,
+    )
     if args.quick:
         cfg.check_steps, cfg.warmup, cfg.steps, cfg.traffic_steps = 2, 1, 5, 1
     cfg.steps = cfg.steps if args.steps is None else args.steps
@@ -615,8 +633,8 @@ def _parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     if not args.variants or set(args.variants) - set(VARIANTS):
         ap.error(f"--variants takes letters of {''.join(VARIANTS)!r}, got {args.variants!r}")
     cfg.variants = tuple(k for k in VARIANTS if k in args.variants)
-    if cfg.steps < 1 or cfg.traffic_steps < 1 or cfg.warmup < 0 or cfg.batch < 1:
-        ap.error("--steps, --traffic-steps and --batch must be >= 1, --warmup >= 0")
+    if cfg.steps < 1 or cfg.traffic_steps < 1 or cfg.warmup < 0 or cfg.batch < 1 or cfg.world < 1:
+        ap.error("--steps, --traffic-steps, --batch and --world must be >= 1, --warmup >= 0")
     return cfg, args
 
 
