@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="EMA rate of GradVac's targets, in [0, 1] (default 0.5; PCGrad is beta=0)",
     )
-    p.add_argument("--steps", type=int, default=500, help="optimizer steps per run (default 500)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default 300)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per process per step (default 32)")
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, momentum 0.9 (default 0.05)")
     p.add_argument("--hidden", type=int, default=128, help="width of the shared trunk's two layers (default 128)")
