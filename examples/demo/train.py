@@ -10,12 +10,20 @@ Started by the demo's own launcher (``python -m examples.demo``), or directly by
 plain ``torch.distributed`` with the launcher's environment, so no Accelerator object is needed.)
 Run without a launcher, it starts one itself, as ``python -m examples.demo`` does.
 
-Each method trains a freshly seeded model (same initial weights), on the same batches: a
-``DistributedSampler`` with the same seed, epoch by epoch. The GradVac run wraps the model in
-``DistributedDataParallel(find_unused_parameters=True)`` with :func:`gradvac_dist.gradvac_hook`
-registered and steps with ``gradvac_dist.backward(ddp, losses)``; GradVac acts on the shared trunk
-(``shared_params=["trunk"]``), and each head gets the plain sum of its task gradients (its own).
-The baseline wraps it in a plain ``DistributedDataParallel`` and calls ``sum(losses).backward()``.
+Three methods, each trained once per seed (``--seeds N``: seeds ``--seed``, ``--seed + 1``, ...).
+For one seed every method starts from the same weights and sees the same batches (a
+``DistributedSampler`` with that seed, epoch by epoch), so the seeds pair the runs:
+
+- ``sum``: plain ``DistributedDataParallel`` on ``sum(losses).backward()``;
+- ``pcgrad``: GradVac with ``beta=0``: every target stays 0, so a task gradient is corrected only
+  when its cosine with another is negative, by projecting out the conflicting component: PCGrad
+  (up to the eps=1e-8 in the denominators; tests/examples/test_demo.py checks it against PCGrad);
+- ``gradvac``: GradVac with ``--beta`` (EMA targets).
+
+The last two wrap the model in ``DistributedDataParallel(find_unused_parameters=True)`` with
+:func:`gradvac_dist.gradvac_hook` registered and step with ``gradvac_dist.backward(ddp, losses)``;
+GradVac acts on the shared trunk (``shared_params=["trunk"]``) and each head gets the plain sum of
+its task gradients (its own).
 """
 
 from __future__ import annotations
@@ -37,10 +45,13 @@ from gradvac_dist import GradVacState, backward, gradvac_hook
 from .data import TaskData, load
 from .options import parse_args
 
-__all__ = ["METHODS", "MultiTaskMLP", "launcher_env", "main"]
+__all__ = ["GRADVAC_METHODS", "METHODS", "MultiTaskMLP", "block_names", "launcher_env", "main"]
 
-#: (key in the outputs, label in the table and figure)
-METHODS: tuple[tuple[str, str], ...] = (("gradvac", "GradVac"), ("sum", "sum"))
+#: (key in the outputs, label in the table and figure), in the order they are trained and shown
+METHODS: tuple[tuple[str, str], ...] = (("sum", "sum"), ("pcgrad", "PCGrad"), ("gradvac", "GradVac"))
+#: the methods that run through GradVac's hook; PCGrad is GradVac with beta=0
+GRADVAC_METHODS = ("pcgrad", "gradvac")
+SHARED = "trunk"
 
 
 class MultiTaskMLP(nn.Module):
@@ -58,8 +69,9 @@ class MultiTaskMLP(nn.Module):
 
 @dataclass
 class MethodRun:
-    """What one method's run produced (per-step records are kept on rank 0 only)."""
+    """What one method's run with one seed produced (per-step records are kept on rank 0 only)."""
 
+    seed: int
     records: list[dict] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
     heldout_accuracy: dict[str, float] = field(default_factory=dict)
@@ -88,6 +100,21 @@ def _pair_means(matrix: Tensor, pairs) -> dict[str, float]:
     return {name: round(0.5 * float(matrix[i, j] + matrix[j, i]), 6) for i, j, name in pairs}
 
 
+def block_names(model: nn.Module, grouping: str) -> list[str]:
+    """The names of GradVac's blocks on the shared trunk, in the library's order (the parameters'):
+    ``["trunk"]`` for ``whole``, the parameter names for ``parameter``, the layers for ``module``."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith(SHARED + ".")]
+    if grouping == "whole":
+        return [SHARED]
+    if grouping == "parameter":
+        return names
+    return list(dict.fromkeys(n.rsplit(".", 1)[0] for n in names))
+
+
+def seeds_of(args) -> list[int]:
+    return [args.seed + k for k in range(args.seeds)]
+
+
 def _batches(sampler: DistributedSampler, batch_size: int):
     epoch = 0
     while True:
@@ -99,19 +126,21 @@ def _batches(sampler: DistributedSampler, batch_size: int):
 
 
 def train_method(
-    method: str, label: str, args, data: TaskData, device: torch.device, rank: int, world: int
+    method: str, label: str, seed: int, args, data: TaskData, device: torch.device, rank: int, world: int
 ) -> MethodRun:
     names = [t.name for t in data.tasks]
     m = len(names)
     pairs = pair_names(names)
-    torch.manual_seed(args.seed)  # the same initial weights for every method
+    torch.manual_seed(seed)  # the same initial weights for every method of this seed
     model = MultiTaskMLP(data.num_features, args.hidden, [t.num_classes for t in data.tasks]).to(device)
     device_ids = [device.index] if device.type == "cuda" else None
     state: GradVacState | None = None
-    if method == "gradvac":
+    blocks = block_names(model, args.grouping)
+    if method in GRADVAC_METHODS:
         ddp = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+        beta = 0.0 if method == "pcgrad" else args.beta
         state = GradVacState(
-            num_tasks=m, beta=args.beta, eps=1e-8, seed=args.seed, grouping=args.grouping, shared_params=["trunk"]
+            num_tasks=m, beta=beta, eps=1e-8, seed=seed, grouping=args.grouping, shared_params=[SHARED]
         )
         ddp.register_comm_hook(state, gradvac_hook)
     else:
@@ -119,15 +148,16 @@ def train_method(
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     sampler = DistributedSampler(
-        TensorDataset(data.x_train), num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True
+        TensorDataset(data.x_train), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
     )
     batches = _batches(sampler, args.batch_size)
-    run = MethodRun()
+    run = MethodRun(seed)
     bar = None
     if rank == 0 and not args.no_progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=args.steps, desc=f"{label:>7}", unit="step", dynamic_ncols=True, mininterval=0.2)
+        desc = f"{label:>7} seed {seed}"
+        bar = tqdm(total=args.steps, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.2)
     start = time.perf_counter()
     for step in range(args.steps):
         index = next(batches).to(device)
@@ -152,15 +182,21 @@ def train_method(
             run.step_times.append(step_time)
             record = {
                 "method": method,
+                "seed": seed,
                 "step": step,
                 "losses": {n: round(v, 6) for n, v in zip(names, mean_losses)},
                 "step_time_s": round(step_time, 6),
             }
             if state is not None:
                 result = state.last_result
+                assert result.cosines.shape[0] == len(blocks), (result.cosines.shape, blocks)
                 record["cosines"] = _pair_means(result.cosines.mean(0), pairs)
                 record["targets"] = _pair_means(result.targets.mean(0), pairs)
                 record["corrected"] = _pair_means(result.corrected.double().mean(0), pairs)
+                if args.grouping != "whole":  # per block: the per-layer view of the GradVac paper
+                    record["block_cosines"] = {
+                        block: _pair_means(result.cosines[k], pairs) for k, block in enumerate(blocks)
+                    }
             run.records.append(record)
             if bar is not None:
                 bar.set_postfix_str(" ".join(f"{n}={v:.3f}" for n, v in zip(names, mean_losses)), refresh=False)
@@ -194,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cpu")
     dist.init_process_group(args.backend)
     data = load(args.tasks)
-    runs = {}
-    for method, label in METHODS:
-        runs[method] = train_method(method, label, args, data, device, rank, world)
+    runs: dict[str, list[MethodRun]] = {method: [] for method, _ in METHODS}
+    for seed in seeds_of(args):
+        for method, label in METHODS:
+            runs[method].append(train_method(method, label, seed, args, data, device, rank, world))
     if rank == 0:
         from .report import write_report
 

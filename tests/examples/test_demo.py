@@ -1,4 +1,5 @@
-"""The demo end to end (tiny configuration: real processes through torchrun), its option checks and its data."""
+"""The demo end to end (tiny configuration: real processes through torchrun), its option checks, its data,
+and its PCGrad being GradVac with beta=0."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,8 @@ import torch
 
 from examples.demo import data as demo_data
 from examples.demo import options
+from examples.demo.train import MultiTaskMLP, block_names
+from gradvac_dist import draw_order, gradvac_step
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -39,64 +43,161 @@ def _run(args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def _check_outputs(out_dir: Path, stdout: str, tasks: list[str], steps: int, world_size: int) -> None:
+METHODS = ("sum", "pcgrad", "gradvac")
+GRADVAC_KEYS = {"method", "seed", "step", "losses", "step_time_s", "cosines", "targets", "corrected"}
+
+
+def _check_outputs(
+    out_dir: Path, stdout: str, tasks: list[str], steps: int, world_size: int, seeds: list[int], blocks: list[str]
+) -> None:
+    """``blocks``: GradVac's blocks on the trunk when they are recorded per block (grouping not ``whole``)."""
     pairs = {f"{a}/{b}" for i, a in enumerate(tasks) for b in tasks[i + 1 :]}
     lines = (out_dir / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
-    by_method = {m: [r for r in records if r["method"] == m] for m in ("gradvac", "sum")}
-    assert len(records) == 2 * steps
-    for method, recs in by_method.items():
-        assert [r["step"] for r in recs] == list(range(steps)), method
+    assert len(records) == len(METHODS) * len(seeds) * steps
+    runs = {(m, s): [r for r in records if r["method"] == m and r["seed"] == s] for m in METHODS for s in seeds}
+    for (method, seed), recs in runs.items():
+        assert [r["step"] for r in recs] == list(range(steps)), (method, seed)
         for r in recs:
             assert set(r["losses"]) == set(tasks)
             assert all(math.isfinite(v) and v > 0 for v in r["losses"].values())
             assert r["step_time_s"] > 0
-            if method == "gradvac":
-                assert set(r) == {"method", "step", "losses", "step_time_s", "cosines", "targets", "corrected"}
-                for key in ("cosines", "targets", "corrected"):
-                    assert set(r[key]) == pairs, key
-                    assert all(-1.0 <= v <= 1.0 for v in r[key].values()), key
-            else:
-                assert set(r) == {"method", "step", "losses", "step_time_s"}
-    # Step 0 starts from the same weights on the same batch: the same losses for both methods.
-    first = [by_method[m][0]["losses"] for m in ("gradvac", "sum")]
-    assert all(abs(first[0][t] - first[1][t]) < 1e-5 for t in tasks)
+            if method == "sum":
+                assert set(r) == {"method", "seed", "step", "losses", "step_time_s"}
+                continue
+            assert set(r) == GRADVAC_KEYS | ({"block_cosines"} if blocks else set())
+            for key in ("cosines", "targets", "corrected"):
+                assert set(r[key]) == pairs, key
+                assert all(-1.0 <= v <= 1.0 for v in r[key].values()), key
+            if blocks:
+                assert list(r["block_cosines"]) == blocks
+                for per_pair in r["block_cosines"].values():
+                    assert set(per_pair) == pairs and all(-1.0 <= v <= 1.0 for v in per_pair.values())
+                # the per-pair cosine is the mean of the per-block ones
+                for pair in pairs:
+                    mean = sum(r["block_cosines"][b][pair] for b in blocks) / len(blocks)
+                    assert abs(mean - r["cosines"][pair]) < 1e-5
+        if method == "pcgrad":  # beta = 0: every target stays exactly 0
+            assert all(v == 0.0 for r in recs for v in r["targets"].values())
+        if method == "gradvac":  # beta > 0: the targets move
+            assert any(v != 0.0 for r in recs for v in r["targets"].values())
+    # Paired seeds: step 0 starts from the same weights on the same batch for every method of a seed,
+    # and another seed starts elsewhere.
+    for seed in seeds:
+        first = [runs[(m, seed)][0]["losses"] for m in METHODS]
+        assert all(abs(first[0][t] - other[t]) < 1e-5 for other in first[1:] for t in tasks), seed
+    if len(seeds) > 1:
+        a, b = (runs[("sum", s)][0]["losses"] for s in seeds[:2])
+        assert any(abs(a[t] - b[t]) > 1e-4 for t in tasks)
 
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["config"]["tasks"] == tasks and summary["config"]["world_size"] == world_size
-    for method in ("gradvac", "sum"):
-        acc = summary["methods"][method]["heldout_accuracy"]
-        assert set(acc) == set(tasks) and all(0.0 <= a <= 1.0 for a in acc.values())
-        assert summary["methods"][method]["ms_per_step"] > 0
+    cfg = summary["config"]
+    assert cfg["tasks"] == tasks and cfg["world_size"] == world_size and cfg["seeds"] == seeds
+    assert list(summary["methods"]) == list(METHODS)
+    sum_means = [s["mean_heldout_accuracy"] for s in summary["methods"]["sum"]["per_seed"]]
+    for method in METHODS:
+        meth = summary["methods"][method]
+        assert [s["seed"] for s in meth["per_seed"]] == seeds
+        for s in meth["per_seed"]:
+            acc = s["heldout_accuracy"]
+            assert set(acc) == set(tasks) and all(0.0 <= a <= 1.0 for a in acc.values())
+            assert s["ms_per_step"] > 0
+            assert abs(s["mean_heldout_accuracy"] - statistics.fmean(acc.values())) < 1e-12
+        for task in tasks:  # the mean and standard deviation over the seeds
+            values = [s["heldout_accuracy"][task] for s in meth["per_seed"]]
+            assert abs(meth["heldout_accuracy"][task]["mean"] - statistics.fmean(values)) < 1e-12
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            assert abs(meth["heldout_accuracy"][task]["std"] - std) < 1e-12
+        if method != "sum":
+            diffs = [s["mean_heldout_accuracy"] - b for s, b in zip(meth["per_seed"], sum_means)]
+            assert abs(meth["paired_vs_sum"]["mean"] - statistics.fmean(diffs)) < 1e-12
 
     png = (out_dir / "demo.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
 
-    header = next(line for line in stdout.splitlines() if line.startswith("held-out accuracy"))
-    assert header.split()[-2:] == ["GradVac", "sum"]
+    out_lines = stdout.splitlines()
+    header = next(line for line in out_lines if line.startswith("held-out accuracy"))
+    assert header.split()[-3:] == ["sum", "PCGrad", "GradVac"]
+    assert f"over {len(seeds)} seed" in header
     for task in demo_data.TASKS[: len(tasks)]:
-        assert any(line.startswith(task.description) and line.count("%") == 2 for line in stdout.splitlines()), task
-    assert any(line.startswith("wall time per step (ms)") for line in stdout.splitlines())
+        assert any(line.startswith(task.description) and line.count("±") == 3 for line in out_lines), task
+    paired = next(line for line in out_lines if line.startswith("mean minus sum, same seed"))
+    assert paired.count("±") == 2
+    assert any(line.startswith("wall time per step (ms)") for line in out_lines)
 
 
 def test_demo_end_to_end_tiny(tmp_path):
     out_dir = tmp_path / "demo"
-    args = ["--tasks", "4", "--grouping", "module", "--steps", "6", "--hidden", "16", "--batch-size", "8"]
+    args = ["--tasks", "4", "--grouping", "module", "--steps", "5", "--hidden", "16", "--batch-size", "8",
+            "--seeds", "2", "--seed", "3"]  # fmt: skip
     result = _run(["-m", "examples.demo", *args, "--out", str(out_dir)])
     assert result.returncode == 0, result.stderr
-    _check_outputs(out_dir, result.stdout, ["left", "right", "parity", "mod3"], steps=6, world_size=2)
+    tasks = ["left", "right", "parity", "mod3"]
+    _check_outputs(out_dir, result.stdout, tasks, steps=5, world_size=2, seeds=[3, 4], blocks=["trunk.0", "trunk.2"])
     assert "demo finished in" in result.stdout
-    assert "GradVac" in result.stderr and "parity=" in result.stderr  # the progress bar, with per-task losses
+    assert "GradVac seed 4" in result.stderr and "parity=" in result.stderr  # the progress bar, with per-task losses
 
 
 def test_demo_under_external_torchrun(tmp_path):
     out_dir = tmp_path / "demo"
     torchrun = ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", "127.0.0.1:0", "--local-addr", "127.0.0.1"]  # fmt: skip
-    args = ["--steps", "3", "--hidden", "16", "--batch-size", "8", "--no-progress", "--out", str(out_dir)]
+    args = [
+        "--steps",
+        "3",
+        "--hidden",
+        "16",
+        "--batch-size",
+        "8",
+        "--seeds",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out_dir),
+    ]
     result = _run([*torchrun, "-m", "examples.demo.train", *args])
     assert result.returncode == 0, result.stderr
-    _check_outputs(out_dir, result.stdout, ["left", "right", "parity"], steps=3, world_size=2)
+    _check_outputs(out_dir, result.stdout, ["left", "right", "parity"], steps=3, world_size=2, seeds=[0], blocks=[])
+
+
+def test_block_names_follow_the_grouping():
+    model = MultiTaskMLP(128, 8, [10, 10, 2])
+    assert block_names(model, "whole") == ["trunk"]
+    assert block_names(model, "module") == ["trunk.0", "trunk.2"]
+    assert block_names(model, "parameter") == ["trunk.0.weight", "trunk.0.bias", "trunk.2.weight", "trunk.2.bias"]
+
+
+def _pcgrad(jacobian: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """PCGrad (Yu et al., 2020) written from the paper: each task's gradient, in its visiting order, loses
+    its component along every other task's gradient it conflicts with; the results are summed."""
+    out = torch.zeros_like(jacobian[0])
+    for i in range(len(jacobian)):
+        g = jacobian[i].clone()
+        for j in order[i].tolist():
+            dot = g @ jacobian[j]
+            if dot < 0:
+                g = g - dot / (jacobian[j] @ jacobian[j]) * jacobian[j]
+        out += g
+    return out
+
+
+def test_pcgrad_is_gradvac_with_beta_zero():
+    """The demo's PCGrad: GradVac's step with beta=0 keeps its targets at 0 and equals PCGrad."""
+    g = torch.Generator().manual_seed(0)
+    m, n = 4, 50
+    targets = torch.zeros(1, m, m, dtype=torch.float64)
+    corrected = 0
+    for _ in range(20):
+        jac = torch.randn(m, n, generator=g, dtype=torch.float64)
+        jac[1] = -0.8 * jac[0] + 0.6 * jac[1]  # a conflict in every draw
+        order = draw_order(m, g)
+        result = gradvac_step((jac @ jac.T).unsqueeze(0), targets, order, beta=0.0, eps=0.0)
+        assert torch.equal(result.targets, targets)
+        expected = _pcgrad(jac, order)
+        assert torch.allclose(result.coefficients[0] @ jac, expected, rtol=1e-10, atol=1e-12)
+        corrected += int(result.corrected.sum())
+        targets = result.targets
+    assert corrected > 20  # projections happened: not only the plain sum
 
 
 def test_impossible_option_stops_before_any_process_starts(tmp_path):
@@ -120,6 +221,7 @@ def test_impossible_option_stops_before_any_process_starts(tmp_path):
         (["--beta", "1.5"], "--beta must be in [0, 1]"),
         (["--hidden", "0"], "--hidden must be at least 1"),
         (["--seed", "-1"], "--seed must be >= 0"),
+        (["--seeds", "0"], "--seeds must be at least 1"),
         (["--grouping", "layer"], "invalid choice: 'layer'"),
         (["--backend", "mpi"], "invalid choice: 'mpi'"),
     ],
