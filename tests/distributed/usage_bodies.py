@@ -19,6 +19,7 @@ from tests.distributed import fsdp_bodies
 from tests.distributed.ddp_bodies import (
     M,
     _capture,
+    _step_both,
     batch,
     block_columns,
     local_jacobian,
@@ -186,14 +187,7 @@ def module_forward_body(rank, world, strategy, grouping):
         head = torch.cat([got[offsets[i] : offsets[i + 1]] for i in heads])
         head_ref = torch.cat([expected[offsets[i] : offsets[i + 1]] for i in heads])
         head_errs.append(_rel(head, head_ref))
-        opt.step()
-        opt.zero_grad()
-        off = 0
-        for p in plain.parameters():
-            p.grad = expected[off : off + p.numel()].view_as(p).clone()
-            off += p.numel()
-        ref_opt.step()
-        ref_opt.zero_grad()
+        _step_both(model, plain, expected, opt, ref_opt)
     return {"errs": errs, "head_errs": head_errs}
 
 

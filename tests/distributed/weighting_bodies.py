@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import gradvac_dist
 from gradvac_dist import GradVacState, gradvac_hook, register_fsdp
 from tests.distributed import fsdp_bodies
-from tests.distributed.ddp_bodies import batch, block_columns, local_jacobian, make_model, task_losses
+from tests.distributed.ddp_bodies import _step_both, batch, block_columns, local_jacobian, make_model, task_losses
 
 SEED = 11
 
@@ -49,10 +49,6 @@ def reference(aggregator, jac: torch.Tensor, cols, sizes, generator: torch.Gener
     return out
 
 
-def _grad(model) -> torch.Tensor:
-    return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in model.parameters()])
-
-
 def ddp_body(rank, world, names, grouping, shared, steps=2):
     """DDP, every named weighting: max relative error of .grad against TorchJD, per weighting."""
     table = aggregators()
@@ -75,16 +71,7 @@ def ddp_body(rank, world, names, grouping, shared, steps=2):
             torch.distributed.all_gather(gathered, local)
             expected = reference(aggregator_cls(), torch.stack(gathered).mean(0), cols, sizes, ref_gen)
             gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
-            got = _grad(model)
-            errs.append(float((got - expected).norm() / expected.norm()))
-            opt.step()
-            opt.zero_grad()
-            off = 0
-            for p in plain.parameters():
-                p.grad = expected[off : off + p.numel()].view_as(p).clone()
-                off += p.numel()
-            ref_opt.step()
-            ref_opt.zero_grad()
+            errs.append(_step_both(model, plain, expected, opt, ref_opt))
         out[name] = {
             "err": max(errs),
             "params": torch.cat([p.detach().flatten() for p in model.parameters()]),
