@@ -170,7 +170,7 @@ def fingerprint_bits(world: int) -> int:
 def write_fingerprint(out: Tensor, targets: Tensor | None, generator: torch.Generator, step: int, bits: int) -> None:
     """Writes ``[f_1..f_C, f_1^2..f_C^2]`` (float64) into ``out`` for this trajectory; no host sync.
 
-    The targets are hashed where they live: their bits as int64, mixed with odd multipliers and
+    The targets are hashed where they live: their bits as int64, times distinct odd multipliers,
     summed (int64 arithmetic wraps modulo 2^64, so the sum does not depend on the order of the
     reduction); the step and generator state are hashed on the host.
     """
@@ -180,8 +180,7 @@ def write_fingerprint(out: Tensor, targets: Tensor | None, generator: torch.Gene
         mixed = torch.tensor(host, dtype=torch.int64)
     else:
         t = targets.detach().contiguous().view(torch.int64).reshape(-1)
-        weights = torch.arange(t.numel(), dtype=torch.int64, device=t.device).mul_(2).add_(1)
-        mixed = ((t ^ (t >> 29)) * weights * 0x5851F42D4C957F2D).sum() ^ host
+        mixed = (t * _multipliers(t.numel(), t.device)).sum() ^ host
     mask = (1 << bits) - 1
     channels = torch.stack([(mixed >> (3 + 23 * c)) & mask for c in range(CHANNELS)]).to(torch.float64)
     if channels.device != out.device:  # host targets, accelerator buffer: scalars, no copy from pageable memory
@@ -191,6 +190,19 @@ def write_fingerprint(out: Tensor, targets: Tensor | None, generator: torch.Gene
     else:
         out[:CHANNELS].copy_(channels)
         out[CHANNELS:].copy_(channels * channels)
+
+
+_MULTIPLIERS: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _multipliers(numel: int, device: torch.device) -> Tensor:
+    """Distinct odd int64 multipliers, one per target entry (made once per size and device): a change of
+    any one entry changes the sum modulo 2^64, since an odd multiplier is invertible there."""
+    key = (numel, device)
+    if key not in _MULTIPLIERS:
+        index = torch.arange(numel, dtype=torch.int64, device=device)
+        _MULTIPLIERS[key] = index.mul_(0x5851F42D4C957F2D).add_(0x14057B7EF767814F).bitwise_or_(1)
+    return _MULTIPLIERS[key]
 
 
 def fingerprint_agrees(summed: Tensor, world: int) -> Tensor:
