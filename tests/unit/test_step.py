@@ -9,10 +9,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import gradvac_dist._step as step_module
 from gradvac_dist import draw_order, gradvac_step
 from gradvac_dist._blocks import contiguous_segments, partial_gramians
 from tests.reference import gradvac_reference, pcgrad_reference
 from tests.settings import DTYPE, RTOL, randn_
+
+
+@pytest.fixture(autouse=True, params=["scalar", "vectorised"])
+def stage(request, monkeypatch):
+    """Every test of the step runs on both implementations: the Python-float loop for small problems
+    and the vectorised torch loop (``SCALAR_STAGE_MAX_VISITS`` moved so that one of them always runs)."""
+    monkeypatch.setattr(step_module, "SCALAR_STAGE_MAX_VISITS", 10**9 if request.param == "scalar" else -1)
+    return request.param
 
 
 def conflicting_grads(m: int, n: int, seed: int, conflict: float = 0.6) -> torch.Tensor:
@@ -114,6 +123,35 @@ def test_incremental_work_per_visit():
     with FlopCounterMode(display=False) as counter:
         gradvac_step(G, torch.zeros(K, m, m, dtype=torch.float64), draw_order(m, torch.Generator()))
     assert counter.get_total_flops() == 0, "the step should use elementwise O(K m^2) updates, not matmuls"
+
+
+def test_scalar_and_vectorised_stages_agree():
+    """The two implementations of the step, on the same inputs, agree to rounding in every output,
+    including no-correction cases (zero rows, targets of +-1, eps = 0). Blocks wider than m keep the
+    problem well conditioned (a 1-element block amplifies a rounding difference to ~1e-10; the
+    degenerate cases run on both stages in TestDegenerate)."""
+    gen = torch.Generator().manual_seed(11)
+    for m, sizes, eps, fill in [
+        (2, [5], 1e-8, 0.0),
+        (3, [5, 7, 6], 1e-8, 0.3),
+        (5, [9, 9], 0.0, -0.2),
+        (7, [10] * 4, 1e-8, 1.0),
+    ]:
+        grads = conflicting_grads(m, sum(sizes), seed=m, conflict=1.2).double()
+        grads[m - 1, : sizes[0]] = 0
+        G = gramians_of(grads, sizes)
+        T = torch.full((len(sizes), m, m), fill, dtype=torch.float64)
+        T[0, 0, 1] = -1.0
+        order = draw_order(m, gen)
+        step_module.SCALAR_STAGE_MAX_VISITS = 10**9
+        a = gradvac_step(G, T, order, beta=0.3, eps=eps)
+        step_module.SCALAR_STAGE_MAX_VISITS = -1
+        b = gradvac_step(G, T, order, beta=0.3, eps=eps)
+        assert torch.allclose(a.coefficients, b.coefficients, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(a.targets, b.targets, rtol=0, atol=1e-12)
+        assert torch.allclose(a.cosines, b.cosines, rtol=0, atol=1e-12)
+        assert torch.equal(a.corrected, b.corrected)
+        assert a.coefficients.dtype == b.coefficients.dtype and a.targets.shape == b.targets.shape
 
 
 class TestDrawOrder:
