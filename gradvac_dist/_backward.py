@@ -64,14 +64,19 @@ def backward(
     """
     losses = check_losses(losses)
     model = compat.unwrap_compiled(model)
-    with _autocast_off(model):
+    with _autocast_off(losses):
         _dispatch(model, losses, aggregator, grouping, shared_params, sync)
 
 
-def _autocast_off(model: nn.Module) -> contextlib.AbstractContextManager[None]:
-    """Autocast off for every device type it is on for, among the CPU and the model's devices."""
+#: Device types autocast may be on for, besides the losses' own (looked up per step: a fixed list, not
+#: a walk over the model's parameters).
+_AUTOCAST_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla")
+
+
+def _autocast_off(losses: Sequence[Tensor]) -> contextlib.AbstractContextManager[None]:
+    """Autocast off for every device type it is on for (the known ones and the losses' devices)."""
     stack = contextlib.ExitStack()
-    for device_type in {"cpu", *(p.device.type for p in model.parameters())}:
+    for device_type in dict.fromkeys((*_AUTOCAST_TYPES, *(loss.device.type for loss in losses))):
         try:
             enabled = torch.is_autocast_enabled(device_type)
         except RuntimeError:  # a device type autocast does not know

@@ -418,7 +418,8 @@ class _DDPRuntime(Driver):
         # Each rank's pieces: its 1/W slice of every bucket (the whole reduced shard when sharded), so
         # that the all-reduced Gramians count every column exactly once.
         pieces = [Piece(plan.own_columns(), plan.gram_segments, plan.param_segments) for plan in plans]
-        outcome = self.engine.step(pieces, wait_last)
+        in_flight = any(plan.works[m - 1] is not None for plan in plans)  # none on one rank
+        outcome = self.engine.step(pieces, wait_last if in_flight else None)
         with counters.phase("combine"):
             self._combine_and_resolve(plans, outcome.coefficients, [p.buffer for p in plans])
         self.outcome = outcome

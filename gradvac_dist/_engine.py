@@ -234,7 +234,8 @@ class Engine:
         gram = buf[: num_blocks * m * m].view(num_blocks, m, m)
         outside = buf[num_blocks * m * m : size]
         traj = state.trajectory
-        write_fingerprint(buf[size:], traj.targets, traj.generator, traj.step, self.fingerprint_bits)
+        if self.world > 1:  # one rank has no one to disagree with: its channels stay 0, which agree
+            write_fingerprint(buf[size:], traj.targets, traj.generator, traj.step, self.fingerprint_bits)
         with counters.phase("gramians"):
             if wait_last is None or m == 1:
                 if wait_last is not None:
