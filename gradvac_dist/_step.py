@@ -24,9 +24,9 @@ __all__ = ["SCALAR_STAGE_MAX_VISITS", "GradVacStepResult", "draw_order", "gradva
 #: Up to this many visits (``K m (m - 1)``) a float64 step on the CPU runs as plain Python float
 #: arithmetic, the same formulas visit by visit; above it, as the vectorised torch loop. The torch
 #: loop dispatches about a dozen ops per visit step whatever the size; the scalar loop costs a few
-#: microseconds per visit. Measured on the 2-core development machine (1 thread, under load):
-#: m=3, K=1: 0.07 ms against 0.59 ms; m=8, K=4 (224 visits): 0.67 against 1.49 ms; m=6, K=20
-#: (600 visits): 2.3 against 1.3 ms.
+#: microseconds per visit. Measured on the idle 2-core development machine (1 thread): m=3, K=1:
+#: 0.04 ms against 0.43 ms; m=3, K=16 (96 visits): 0.33 against 0.44 ms; m=3, K=40 (240 visits):
+#: 0.79 against 0.47 ms; m=10, K=40: 7.4 against 0.8 ms.
 SCALAR_STAGE_MAX_VISITS = 128
 
 
