@@ -245,7 +245,6 @@ def _step_scalar(gramians: Tensor, targets: Tensor, order: Tensor, beta: float, 
                 den = eps + p_norm * gj_norm
                 dot = dots[i][s]
                 phi = 0.0 if den <= 0.0 else min(max(dot / den, -1.0), 1.0)
-                w = 0.0
                 if phi < t and gj_sq > 0.0 and sqrt_1_t2 > 0.0 and w_den > 0.0:
                     sqrt_1_phi2 = sqrt(max(1.0 - phi * phi, 0.0))
                     w = (t * sqrt_1_phi2 - phi * sqrt_1_t2) * p_norm / w_den
