@@ -276,6 +276,10 @@ class _DDPRuntime(Driver):
         self.offsets = [0]
         for p in params:
             self.offsets.append(self.offsets[-1] + p.numel())
+        # A parameter's columns in a bucket follow its memory layout, not its logical order: DDP views
+        # a dense parameter's bucket slice with the parameter's strides (channels_last included), and
+        # so must everything that moves gradients between a flat slice and a parameter.
+        self.grad_strides = [torch.empty_like(p, device="meta").stride() for p in params]
         self.pending: Tensor | None = None  # [m, n] local per-task sums of sync=False micro-batches
 
     def buffer_bytes(self) -> dict[str, int]:
@@ -317,7 +321,12 @@ class _DDPRuntime(Driver):
             grads = torch.autograd.grad(loss, params, retain_graph=task < m - 1, allow_unused=True)
             for i, g in zip(trainable, grads):
                 if g is not None:
-                    self.pending[task, self.offsets[i] : self.offsets[i + 1]].add_(g.reshape(-1))
+                    self.flat_view(self.pending[task], i).add_(g)
+
+    def flat_view(self, flat: Tensor, index: int) -> Tensor:
+        """Parameter ``index``'s columns of a flat ``[n]`` row laid out like its bucket slice, as its shape."""
+        p = self.params[index]
+        return flat[self.offsets[index] : self.offsets[index + 1]].as_strided(p.shape, self.grad_strides[index])
 
     def set_aside_grads(self) -> list[Tensor | None] | None:
         """Takes existing ``.grad`` out of the way of the passes; ``None`` when there is none (after
@@ -374,7 +383,7 @@ class _DDPRuntime(Driver):
         buf = bucket.buffer()
         if self.pending is not None:  # earlier micro-batches of this step (gradient accumulation)
             for index, start, stop in plan.params_in_bucket:
-                buf[start:stop].add_(self.pending[task, self.offsets[index] : self.offsets[index + 1]])
+                buf[start:stop].add_(self.pending[task, self.offsets[index] : self.offsets[index + 1]])  # same layout
         if self.world == 1:
             plan.stash[task].copy_(buf)
         elif self.strategy == "sharded":

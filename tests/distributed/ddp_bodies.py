@@ -43,6 +43,27 @@ def make_model(seed: int = 0) -> MultiHead:
     return MultiHead().double()
 
 
+class ConvHeads(nn.Module):
+    """A convolution kept channels_last (a weight whose memory order is not its logical order) and M heads."""
+
+    def __init__(self, m: int = M):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, (1, 2))  # on the IN=6 features seen as 2 channels of a 1x3 image
+        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(m))
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x.view(-1, 2, 1, 3))).flatten(1)
+        return [head(h).squeeze(-1) for head in self.heads]
+
+
+def make_conv_model(seed: int = 0) -> ConvHeads:
+    torch.manual_seed(seed)
+    model = ConvHeads().double()
+    assert model.conv.weight.stride() != model.conv.weight.contiguous().stride(), "the weight must be channels_last"
+    return model
+
+
 def batch(step: int, rank: int, world: int):
     g = torch.Generator().manual_seed(1000 + step)
     x = torch.randn(GLOBAL_BATCH, IN, generator=g, dtype=torch.float64)
@@ -254,9 +275,10 @@ def misuse_body(rank, world):
     return out
 
 
-def accumulation_body(rank, world, strategy, micro=3, steps=2):
-    """`micro` micro-batches per step: GradVac once, on each task's gradient summed over them."""
-    model = make_model()
+def accumulation_body(rank, world, strategy, micro=3, steps=2, conv=False):
+    """`micro` micro-batches per step: GradVac once, on each task's gradient summed over them
+    (``conv``: on a channels_last convolution, whose bucket slice is in memory order)."""
+    model = make_conv_model() if conv else make_model()
     plain = copy.deepcopy(model)
     ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=0.002)
     state = GradVacState(num_tasks=M, grouping="module", strategy=strategy)

@@ -129,9 +129,9 @@ def test_state_pickles_without_process_group_and_validates():
         state.load_state_dict(dict(state.state_dict(), grouping="whole"))
 
 
-@pytest.mark.parametrize("strategy", ["replicated", "sharded"])
-def test_gradient_accumulation_runs_gradvac_once_on_accumulated_gradients(strategy):
-    for res in run_distributed(ddp_bodies.accumulation_body, 2, strategy, timeout=120):
+@pytest.mark.parametrize(("strategy", "conv"), [("replicated", False), ("sharded", False), ("sharded", True)])
+def test_gradient_accumulation_runs_gradvac_once_on_accumulated_gradients(strategy, conv):
+    for res in run_distributed(ddp_bodies.accumulation_body, 2, strategy, conv=conv, timeout=120):
         assert max(res["errs"]) < 1e-10, res["errs"]
         assert res["comm"] == 0, "micro-batches under no_sync must not communicate"
         assert res["gramian"] == 2, "one GradVac step per optimizer step"
