@@ -3,8 +3,9 @@
 DDP's reducer stops listening after the first backward pass of an iteration (pytorch #47260), so
 ``gradvac_dist.backward(ddp, losses)`` re-arms it before every pass with the private
 ``reducer.prepare_for_backward([loss])``. Each pass then fires :func:`gradvac_hook` on every
-bucket; the hook stashes that task's reduced bucket and returns zeros, so the next pass
-accumulates exactly the next task's local gradient. In the last pass the hook holds the
+bucket; the hook stashes that task's reduced bucket, and ``backward`` clears ``.grad`` between
+passes, so the next pass holds exactly the next task's local gradient (autograd hands it over, no
+addition to zeros). In the last pass the hook holds the
 buckets' futures open until the last bucket arrives, then runs the GradVac step once and
 resolves them all with the aggregated gradient, which DDP copies into ``param.grad``. What happens
 once the last task's pieces exist (Gramians, the one all-reduce, the coefficient stage) is the
@@ -57,8 +58,9 @@ def gradvac_hook(state: GradVacState, bucket: dist.GradBucket) -> torch.futures.
 
     1. Pass ``i < m-1``, each bucket: divide by the world size W, reduce task ``i``'s bucket
        across ranks asynchronously into the stash (``"replicated"``: all-reduce of the whole
-       bucket; ``"sharded"``: reduce-scatter, so each rank keeps a 1/W shard), and return zeros
-       so that the next pass accumulates task ``i+1``'s gradient alone.
+       bucket; ``"sharded"``: reduce-scatter, so each rank keeps a 1/W shard), and return the
+       bucket; ``gradvac_dist.backward`` then clears ``.grad``, so that the next pass holds task
+       ``i+1``'s gradient alone.
     2. Pass ``m-1``: the same, but the buckets' futures stay open.
     3. At the last bucket of the last pass: wait for the reductions, compute per-block partial
        Gramians ``[K, m, m]`` of the stashed pieces (shards or full buckets), all-reduce them ONCE
@@ -151,6 +153,7 @@ class _BucketPlan:
         "param_segments",
         "params_in_bucket",
         "recv",
+        "result",
         "scratch",
         "shard",
         "shard_segments",
@@ -206,28 +209,12 @@ class _BucketPlan:
         self.works: list[PendingReduce | None] = [None] * m
         self.future: torch.futures.Future[Tensor] | None = None
         self.buffer: Tensor | None = None  # the bucket's buffer in the last pass, until the step resolves it
+        self.result: Tensor | None = None  # the aggregated bucket, from the step until the passes end
         self.sharded = sharded
 
     def own_columns(self) -> Tensor:
         """``[m, shard]``: the stashed task gradients of this rank's 1/W slice of the bucket."""
         return self.stash if self.sharded else self.stash[:, self.shard[0] : self.shard[1]]
-
-
-class _JoinLosses(torch.autograd.Function):
-    """The identity on the m losses, as ONE autograd node (like DDP's ``_DDPSink``).
-
-    Gradients are not materialised: a backward pass from one output sends ``None``, not zeros, to
-    the other losses, so their branches cost only a visit.
-    """
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, *losses: Tensor) -> tuple[Tensor, ...]:
-        ctx.set_materialize_grads(False)
-        return tuple(loss.view_as(loss) for loss in losses)
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        return grads
 
 
 #: The DDP runtime whose passes are running (a plain global: hooks may run on autograd's device
@@ -280,6 +267,8 @@ class _DDPRuntime(Driver):
         # a dense parameter's bucket slice with the parameter's strides (channels_last included), and
         # so must everything that moves gradients between a flat slice and a parameter.
         self.grad_strides = [torch.empty_like(p, device="meta").stride() for p in params]
+        #: parameters that got a gradient in an earlier pass of this step (see clear_grads)
+        self.reached = [False] * len(params)
         self.pending: Tensor | None = None  # [m, n] local per-task sums of sync=False micro-batches
 
     def buffer_bytes(self) -> dict[str, int]:
@@ -299,6 +288,7 @@ class _DDPRuntime(Driver):
         self.phase = _Phase.PASSES
         if task == 0:
             self.outcome = None
+            self.reached = [False] * len(self.params)
 
     def end_pass(self) -> None:
         if self.num_buckets is None:
@@ -327,6 +317,37 @@ class _DDPRuntime(Driver):
         """Parameter ``index``'s columns of a flat ``[n]`` row laid out like its bucket slice, as its shape."""
         p = self.params[index]
         return flat[self.offsets[index] : self.offsets[index + 1]].as_strided(p.shape, self.grad_strides[index])
+
+    def clear_grads(self) -> None:
+        """Between passes: each ``.grad`` DDP wrote goes (its task's gradient is in the stash), so the next
+        pass's autograd hands its fresh gradient over instead of adding it to zeros (one read and write
+        of n less per pass), and the parameters that had a gradient are remembered (see fill_reached).
+
+        The record agrees across ranks: DDP writes ``.grad`` after a pass for every parameter that ANY
+        rank reached in it (its used-parameter map is all-reduced), so a branch taken on one rank only
+        is recorded on all of them."""
+        reached = self.reached
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                reached[i] = True
+                p.grad = None
+
+    def fill_reached(self) -> None:
+        """After the last pass: a parameter an earlier task reached but the last one did not gets no
+        ``.grad`` from DDP (with no gradient in the last pass it counts as unused); it gets its columns
+        of the aggregated bucket here, as it would have with a gradient of zeros held over."""
+        reached = self.reached
+        missing = {i for i, p in enumerate(self.params) if reached[i] and p.grad is None}
+        if not missing:
+            return
+        for plan in self.plans.values():
+            if plan.result is None:
+                continue
+            for index, start, stop in plan.params_in_bucket:
+                if index in missing:
+                    p = self.params[index]
+                    view = plan.result[start:stop].as_strided(p.shape, self.grad_strides[index])
+                    p.grad = view.clone(memory_format=torch.preserve_format)
 
     def set_aside_grads(self) -> list[Tensor | None] | None:
         """Takes existing ``.grad`` out of the way of the passes; ``None`` when there is none (after
@@ -360,7 +381,7 @@ class _DDPRuntime(Driver):
         self.phase = _Phase.IDLE
         self.pending = None
         for plan in self.plans.values():
-            plan.future = None
+            plan.future = plan.result = None
 
     # -- the hook --------------------------------------------------------------------------------
     def plan(self, bucket: dist.GradBucket) -> _BucketPlan:
@@ -400,7 +421,8 @@ class _DDPRuntime(Driver):
             plan.works[task] = start_all_reduce_pending(plan.stash[task], group, counters, "task_all_reduce")
         fut: torch.futures.Future[Tensor] = torch.futures.Future()
         if task < m - 1:
-            fut.set_result(buf.zero_())
+            # DDP copies this task's gradient into .grad, which ddp_backward clears before the next pass
+            fut.set_result(buf)
             return fut
         plan.future, plan.buffer = fut, buf
         if bucket.is_last():
@@ -458,6 +480,7 @@ class _DDPRuntime(Driver):
     def _resolve(self, plan: _BucketPlan, value: Tensor) -> None:
         fut, plan.future, plan.buffer = plan.future, None, None
         assert fut is not None, "every bucket of the last pass must have an open future"
+        plan.result = value
         fut.set_result(value)
 
 
@@ -590,23 +613,20 @@ def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor], sync: b
         runtime.accumulate(losses)
         return
     prior = runtime.set_aside_grads()
-    # The last pass goes through one autograd node joining every loss, as DDP's own forward output
-    # does: DDP then counts every parameter any task reaches as used in that pass and copies the
-    # aggregated gradient into it. Without it (a forward through ddp.module, Lightning's DDP
-    # forward, which returns no losses), the heads of the earlier tasks count as unused and keep
-    # the zeros of their own pass. Earlier passes need no tie (they return zeros anyway).
-    passes = [*losses[:-1], _JoinLosses.apply(*losses)[-1]] if m > 1 else losses
     global _driving
     done = False
     try:
         _driving = runtime
-        for task, loss in enumerate(passes):
+        for task, loss in enumerate(losses):
             runtime.begin_pass(task)
             compat.prepare_for_backward(ddp, loss)
             loss.backward(retain_graph=task < m - 1)
             runtime.end_pass()
+            if task < m - 1:
+                runtime.clear_grads()
         if runtime.phase is not _Phase.DONE or runtime.outcome is None:
             raise RuntimeError("the last backward pass did not complete the GradVac step (no last bucket seen).")
+        runtime.fill_reached()
         done = True
     finally:
         _driving = None

@@ -23,24 +23,29 @@ GLOBAL_BATCH = 12  # divisible by 2 and 3: the rank-mean gradient is the global-
 
 
 class MultiHead(nn.Module):
-    def __init__(self, m: int = M, unused_head: bool = True):
+    def __init__(self, m: int = M, unused_head: bool = True, aux: bool = False):
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(IN, HID), nn.Tanh(), nn.Linear(HID, HID), nn.Tanh(), nn.Linear(HID, HID))
         self.gain = nn.Parameter(torch.ones(HID))  # owned by the root module, one element per feature
         self.heads = nn.ModuleList(nn.Linear(HID, 1) for _ in range(m))
         self.spare = nn.Linear(HID, 2) if unused_head else None  # reached by no task
+        # task 0's extra branch, taken where use_aux is set (on some ranks only: a rank-dependent graph)
+        self.aux = nn.Linear(HID, 1) if aux else None
+        self.use_aux = False
 
     def forward(self, x):
         h = self.encoder(x) * self.gain
         outs = [head(h).squeeze(-1) for head in self.heads]
+        if self.aux is not None and self.use_aux:
+            outs[0] = outs[0] + self.aux(h).squeeze(-1)
         if self.spare is not None:
             outs.append(self.spare(h).sum(-1) * 0.0)
         return outs
 
 
-def make_model(seed: int = 0) -> MultiHead:
+def make_model(seed: int = 0, aux: bool = False) -> MultiHead:
     torch.manual_seed(seed)
-    return MultiHead().double()
+    return MultiHead(aux=aux).double()
 
 
 class ConvHeads(nn.Module):
@@ -137,9 +142,21 @@ def _step_both(model, plain, expected, opt, ref_opt) -> float:
 
 
 def run_config(
-    rank, world, grouping, strategy, shared=None, steps=3, bucket_cap_mb=0.002, seed=0, device="cpu", bucket_view=False
+    rank,
+    world,
+    grouping,
+    strategy,
+    shared=None,
+    steps=3,
+    bucket_cap_mb=0.002,
+    seed=0,
+    device="cpu",
+    bucket_view=False,
+    aux_ranks=None,
 ):
-    model = make_model(seed).to(device)
+    """``aux_ranks``: the ranks where task 0 also goes through ``model.aux`` (none where not given)."""
+    model = make_model(seed, aux=aux_ranks is not None).to(device)
+    model.use_aux = aux_ranks is not None and rank in aux_ranks
     plain = copy.deepcopy(model)
     ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=bucket_view)
     state = GradVacState(num_tasks=M, seed=7, grouping=grouping, strategy=strategy, shared_params=shared)
@@ -158,6 +175,11 @@ def run_config(
         expected = reference_grad(ref_agg, mean_jac, cols, sizes)
 
         gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
+        # as under plain DDP: a parameter no task on any rank reaches keeps no .grad; every other one
+        # has one on every rank (the heads of the earlier tasks too, which the last pass does not reach,
+        # and model.aux on the ranks where it is not used)
+        no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+        assert no_grad == ["spare.weight", "spare.bias"], no_grad
         max_err = max(max_err, _step_both(model, plain, expected, opt, ref_opt))
     return {
         "max_rel_err": max_err,

@@ -20,6 +20,9 @@ CONFIGS = [
     {"grouping": "parameter", "strategy": "replicated", "shared": ["encoder", "gain"]},
     {"grouping": "module", "strategy": "replicated", "bucket_view": True},
     {"grouping": "whole", "strategy": "sharded", "bucket_view": True},
+    # task 0 reaches model.aux on rank 0 only: every rank still gets its aggregated gradient
+    {"grouping": "module", "strategy": "sharded", "aux_ranks": (0,)},
+    {"grouping": "whole", "strategy": "replicated", "aux_ranks": (0,), "bucket_view": True},
 ]
 
 

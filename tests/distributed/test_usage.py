@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.distributed import usage_bodies as bodies
 from tests.distributed.harness import run_distributed
@@ -72,9 +73,13 @@ def test_forgotten_zero_grad_adds_like_plain_backward(strategy, bucket_view):
 
 @pytest.mark.parametrize(("strategy", "grouping"), [("sharded", "whole"), ("replicated", "module")])
 def test_forward_through_the_wrapped_module_is_exact_heads_included(strategy, grouping):
-    for res in run_distributed(bodies.module_forward_body, 2, strategy, grouping, timeout=120):
+    results = run_distributed(bodies.module_forward_body, 2, strategy, grouping, timeout=120)
+    for res in results:
         # before the fix head 0 (reached only by task 0) got exactly zero: relative error 1.0
         assert max(res["head_errs"]) < 1e-10 and max(res["errs"]) < 1e-10, res
+        for missing in res["missing"]:  # every step: aux has a .grad on rank 1 too
+            assert missing == ["spare.weight", "spare.bias"], missing
+        assert torch.equal(res["params"], results[0]["params"]), "the ranks drifted apart"
 
 
 def test_single_process_path_on_a_ddp_wrapped_module_is_refused():

@@ -164,15 +164,17 @@ def forgotten_zero_grad_body(rank, world, strategy, bucket_view):
 
 
 def module_forward_body(rank, world, strategy, grouping):
-    """Forward through ``ddp.module`` (as Lightning's DDP forward in effect gives): exact, heads included."""
-    model = make_model()
+    """Forward through ``ddp.module`` (as Lightning's DDP forward in effect gives): exact, heads included,
+    and ``model.aux``, which task 0 reaches on rank 0 only, gets the same gradient on every rank."""
+    model = make_model(aux=True)
+    model.use_aux = rank == 0
     plain = copy.deepcopy(model)
     ddp, _ = _ddp(model, grouping=grouping, strategy=strategy)
     ref = GradVac()
     cols, sizes = block_columns(plain, grouping, None)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     ref_opt = torch.optim.SGD(plain.parameters(), lr=0.05)
-    errs, head_errs = [], []
+    errs, head_errs, missing = [], [], []
     for step in range(2):
         x, ys = batch(step, rank, world)
         expected = reference_grad(ref, _mean_jacobian(plain, x, ys, world), cols, sizes)
@@ -187,8 +189,10 @@ def module_forward_body(rank, world, strategy, grouping):
         head = torch.cat([got[offsets[i] : offsets[i + 1]] for i in heads])
         head_ref = torch.cat([expected[offsets[i] : offsets[i + 1]] for i in heads])
         head_errs.append(_rel(head, head_ref))
+        missing.append([n for n, p in model.named_parameters() if p.grad is None])
         _step_both(model, plain, expected, opt, ref_opt)
-    return {"errs": errs, "head_errs": head_errs}
+    params = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return {"errs": errs, "head_errs": head_errs, "missing": missing, "params": params}
 
 
 def wrapped_module_body(rank, world):
