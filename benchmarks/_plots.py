@@ -121,7 +121,7 @@ def draw_ddp_time(results: Results, path: Path) -> None:
         _mb_axis(top)
         top.set(title=f"Time per step vs {sweep} ({_fixed(center, sweep)})", ylabel="ms per step (log)")
         bottom.axhline(1.0, color=STYLE["a"][0], lw=1.2, label="(a) m-pass DDP = 1")
-        bottom.axhline(ddp.GOAL, color="k", lw=0.9, ls=":", label=f"goal for (d), (e): {ddp.GOAL}x")
+        bottom.axhline(ddp.GOAL, color="k", lw=0.9, ls=":", label=f"goal for (d), (e): {ddp.GOAL}x ({ddp.GOAL_ONE_RANK}x at W=1)")
         bottom.set(title=f"Step time / (a)'s, paired by round, vs {sweep}", ylabel="ratio to (a)")
         for ax in (top, bottom):
             _sweep_axis(ax, sweep, xs, label)

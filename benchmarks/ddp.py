@@ -17,7 +17,8 @@ steps of the slowest rank's step time (forward, backward pass(es), SGD step) for
       vector loop (:class:`benchmarks.core.PlainLoopGradVac`) on every rank;
   (d) GradVac-DDP, strategy ``"replicated"`` and (e) ``"sharded"`` (:func:`gradvac_dist.gradvac_hook`).
 
-Goal: a GradVac-DDP step <= 1.15x (a). Bytes each rank sends per step, three ways: the payload
+Goal (issue 12): a GradVac-DDP step <= 1.05x (a), <= 1.15x on one rank, where no communication
+hides anything. Bytes each rank sends per step, three ways: the payload
 handed to the collectives (``GradVacState.counters``; for DDP's own buckets and the naive
 all-gather the same quantity counted here) turned into ring-algorithm bytes; the README's cost
 formula; and MEASURED around N steps of each variant, two ways: the loopback interface's transmit
@@ -50,7 +51,14 @@ from .core import PlainLoopGradVac
 
 __all__ = ["Config", "Summary", "main", "run"]
 
-GOAL = 1.15
+GOAL = 1.05  # GradVac-DDP / (a), W >= 2
+GOAL_ONE_RANK = 1.15  # the same at W = 1
+
+
+def goal(world: int) -> float:
+    """The time goal for GradVac-DDP / (a) at this world size."""
+    return GOAL_ONE_RANK if world == 1 else GOAL
+
 M = 3
 VARIANTS = ("a", "b", "c", "d", "e", "f")
 # the phases GradVacState.counters times (see gradvac_dist.CommCounters); "step" is inside "hook"
@@ -561,11 +569,11 @@ def _report(cfg: Config, results: list[dict[str, Any]], elapsed: float) -> tuple
     )
     for k in ("d", "e"):
         if base and k in med:
-            passed = med[k] <= GOAL * base
+            passed = med[k] <= goal(cfg.world) * base
             ok = ok and passed
             table.notes.append(
                 f"{pass_fail(passed)}: {LABELS[k]} {med[k]:.1f} ms = {med[k] / base:.2f}x (a) "
-                f"(paired {paired[k]:.2f}x), goal <= {GOAL}x"
+                f"(paired {paired[k]:.2f}x), goal <= {goal(cfg.world)}x at W={cfg.world}"
             )
     if base and "f" in med:  # no goal: UPGrad's own QP per block is the weighting's cost, not the transport's
         table.notes.append(f"{LABELS['f']}: {med['f']:.1f} ms = {med['f'] / base:.2f}x (a) (paired {paired['f']:.2f}x)")

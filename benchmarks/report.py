@@ -255,7 +255,7 @@ def _time_table(results: Results) -> Table:
     table.notes += [
         "ratios are paired: the median over rounds of the step time divided by (a)'s step of the same round "
         f"(the center row: {results.plan.center.steps} timed steps per variant; other rows: "
-        f"{results.plan.sweep.steps}); DDP goal: GradVac-DDP <= {ddp.GOAL}x (a)",
+        f"{results.plan.sweep.steps}); DDP goal: GradVac-DDP <= {ddp.GOAL}x (a) ({ddp.GOAL_ONE_RANK}x at W=1)",
         "each row is one run; the center (m=3, largest n, W=2) appears in every sweep",
     ]
     return table
