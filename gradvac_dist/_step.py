@@ -271,18 +271,24 @@ def _step(
 ) -> GradVacStepResult:
     device = gramians.device
     num_blocks, m = gramians.shape[0], gramians.shape[1]
-    gram = gramians.to(dtype)
-    gram = 0.5 * (gram + gram.transpose(1, 2))  # exact symmetry; rounding can break it slightly
-    # Blocks last: row a*m + b holds the K values of pair (a, b), so every gather below is a
-    # contiguous index_select of whole rows.
-    gram = gram.permute(1, 2, 0).reshape(m * m, num_blocks).contiguous()
-    old_targets = targets.to(device=device, dtype=dtype).permute(1, 2, 0).reshape(m * m, num_blocks).contiguous()
     order = order.to(device)
     if m == 1:
         ones = torch.ones((num_blocks, 1), dtype=dtype, device=device)
         return GradVacStepResult(
             ones, targets.to(device=device, dtype=dtype, copy=True), ones.view(-1, 1, 1), ones.view(-1, 1, 1) < 0
         )
+    # Full-size [m, m, K] arrays are few and written in place where they can be: at m=64, K=500 each
+    # is 16 MB, and a fresh one costs a pass of page faults besides its arithmetic.
+    # Blocks last: row a*m + b holds the K values of pair (a, b), so every gather below is a
+    # contiguous index_select of whole rows. Exact symmetry: rounding can break it slightly.
+    g = gramians.to(dtype)
+    gram = torch.empty((m, m, num_blocks), dtype=dtype, device=device)
+    torch.add(g.permute(1, 2, 0), g.permute(2, 1, 0), out=gram)
+    gram = gram.mul_(0.5).view(m * m, num_blocks)
+    # a copy of its own (updated in place below), whatever the caller's layout
+    old_targets = torch.empty((m, m, num_blocks), dtype=dtype, device=device)
+    old_targets.copy_(targets.permute(1, 2, 0))
+    old_targets = old_targets.view(m * m, num_blocks)
 
     # Visit s of task i is the pair (i, order[i, s]). Everything is laid out visit-first,
     # [m-1, m, K], so each visit reads contiguous slices. pair_index[s, i] is the pair's row.
@@ -296,14 +302,14 @@ def _step(
     gj_sq = g_sq.index_select(0, visits.reshape(-1)).view(shape)
     gj_norm = gj_sq.sqrt()
     t_all = old_targets.index_select(0, pair_index).view(shape)
-    sqrt_1_t2 = (1.0 - t_all * t_all).clamp_min(0.0).sqrt()
-    w_den = gj_norm * sqrt_1_t2 + eps
+    sqrt_1_t2 = torch.mul(t_all, t_all).neg_().add_(1.0).clamp_min_(0.0).sqrt_()  # 1 - t^2, as rounded before
+    w_den = torch.mul(gj_norm, sqrt_1_t2).add_(eps)
     # No correction for a zero g_j, nor where sqrt(1 - t^2) = 0 (a target of exactly +-1): reaching a
     # cosine of +-1 would take an infinite w, and the formula's w then divides by eps alone (|p|/eps,
     # 1e8 |p|, set off by rounding noise in phi): with beta = 1 and parallel gradients that overflowed
     # float32 within two steps.
     can = (gj_sq > 0) & (sqrt_1_t2 > 0) & (w_den > 0)
-    w_den = torch.where(can, w_den, 1.0)
+    w_den.masked_fill_(~can, 1.0)
     # dots[s, i] = <p_i, g_order[i, s]>, kept current as p_i is corrected (starts as <g_i, g_j>).
     dots = gram.index_select(0, pair_index).view(shape)
     p_sq = g_sq.clone()  # |p_i|^2
@@ -342,9 +348,11 @@ def _step(
     # coefficients[l] = 1 (each p_i starts as g_i) + every w added to a p_i along g_l.
     coef = torch.ones((m, num_blocks), dtype=dtype, device=device)
     coef.index_add_(0, visits.reshape(-1), weights.view(-1, num_blocks))
-    new_targets = old_targets.clone()
-    new_targets.index_copy_(0, pair_index, ((1.0 - beta) * t_all + beta * phis).view(-1, num_blocks))
-    cosines = torch.eye(m, dtype=dtype, device=device).reshape(m * m, 1).repeat(1, num_blocks)
+    # the EMA (1 - beta) t + beta phi, in buffers the loop is done with
+    ema = torch.mul(t_all, 1.0 - beta, out=gj_sq).add_(torch.mul(phis, beta, out=gj_norm))
+    new_targets = old_targets.index_copy_(0, pair_index, ema.view(-1, num_blocks))
+    cosines = gram.zero_()  # the Gramian is done with too
+    cosines[:: m + 1].fill_(1.0)  # the diagonal pairs (a, a)
     cosines.index_copy_(0, pair_index, phis.view(-1, num_blocks))
     corrected = torch.zeros((m * m, num_blocks), dtype=torch.bool, device=device)
     corrected.index_copy_(0, pair_index, applied.view(-1, num_blocks))
