@@ -5,9 +5,10 @@ DDP's reducer stops listening after the first backward pass of an iteration (pyt
 ``reducer.prepare_for_backward([loss])``. Each pass then fires :func:`gradvac_hook` on every
 bucket; the hook stashes that task's reduced bucket, and ``backward`` clears ``.grad`` between
 passes, so the next pass holds exactly the next task's local gradient (autograd hands it over, no
-addition to zeros). In the last pass the hook holds the
-buckets' futures open until the last bucket arrives, then runs the GradVac step once and
-resolves them all with the aggregated gradient, which DDP copies into ``param.grad``. What happens
+addition to zeros). In the last pass the hook holds the buckets' futures open until the last
+bucket arrives, then runs the GradVac step once and resolves them all with the aggregated
+gradient, which DDP copies into ``param.grad``; a parameter that only earlier tasks reached (DDP
+counts it unused in the last pass) gets its columns of that gradient afterwards. What happens
 once the last task's pieces exist (Gramians, the one all-reduce, the coefficient stage) is the
 engine's (``_engine.py``), shared with the FSDP2 path; this room keeps what is DDP's: bucket plans,
 the per-task reductions, the hook, and the driving of the passes.
