@@ -49,22 +49,25 @@ def make_model(seed: int = 0, aux: bool = False) -> MultiHead:
 
 
 class ConvHeads(nn.Module):
-    """A convolution kept channels_last (a weight whose memory order is not its logical order) and M heads."""
+    """A convolution kept channels_last (a weight whose memory order is not its logical order) and M heads;
+    ``split``: only task 0 goes through the convolution, the others through a linear layer."""
 
-    def __init__(self, m: int = M):
+    def __init__(self, m: int = M, split: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(2, 4, (1, 2))  # on the IN=6 features seen as 2 channels of a 1x3 image
+        self.lin = nn.Linear(IN, 8) if split else None
         self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(m))
         self.to(memory_format=torch.channels_last)
 
     def forward(self, x):
         h = torch.tanh(self.conv(x.view(-1, 2, 1, 3))).flatten(1)
-        return [head(h).squeeze(-1) for head in self.heads]
+        rest = h if self.lin is None else torch.tanh(self.lin(x))
+        return [head(h if i == 0 else rest).squeeze(-1) for i, head in enumerate(self.heads)]
 
 
-def make_conv_model(seed: int = 0) -> ConvHeads:
+def make_conv_model(seed: int = 0, split: bool = False) -> ConvHeads:
     torch.manual_seed(seed)
-    model = ConvHeads().double()
+    model = ConvHeads(split=split).double()
     assert model.conv.weight.stride() != model.conv.weight.contiguous().stride(), "the weight must be channels_last"
     return model
 
@@ -333,6 +336,34 @@ def accumulation_body(rank, world, strategy, micro=3, steps=2, conv=False):
         "gramian": state.counters.calls["gramian_all_reduce"],
         "misuse": misuse,
     }
+
+
+def first_task_conv_body(rank, world, strategy, through_module):
+    """A channels_last convolution reached by task 0 alone: after the last pass (which does not reach
+    it) its .grad is the aggregated gradient in the parameter's own layout, on every rank."""
+    model = make_conv_model(split=True)
+    plain = copy.deepcopy(model)
+    ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=0.0001)
+    state = GradVacState(num_tasks=M, grouping="module", strategy=strategy)
+    ddp.register_comm_hook(state, gradvac_hook)
+    ref_agg = GradVac()
+    cols, sizes = block_columns(plain, "module", None)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    ref_opt = torch.optim.SGD(plain.parameters(), lr=0.05)
+    forward = ddp.module if through_module else ddp
+    errs, layouts = [], []
+    for step in range(2):
+        x, ys = batch(step, rank, world)
+        local = local_jacobian(plain, x, ys)
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local)
+        expected = reference_grad(ref_agg, torch.stack(gathered).mean(0), cols, sizes)
+        gradvac_dist.backward(ddp, task_losses(forward(x), ys))
+        weight = model.conv.weight
+        layouts.append(weight.grad is not None and weight.grad.stride() == weight.stride())
+        errs.append(_step_both(model, plain, expected, opt, ref_opt))
+    params = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return {"errs": errs, "layouts": layouts, "params": params, "buckets": len(state._driver.plans)}
 
 
 def cuda_sync_count_body(rank, world):

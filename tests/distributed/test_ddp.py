@@ -132,6 +132,18 @@ def test_state_pickles_without_process_group_and_validates():
         state.load_state_dict(dict(state.state_dict(), grouping="whole"))
 
 
+@pytest.mark.parametrize(("strategy", "through_module"), [("sharded", True), ("replicated", True), ("sharded", False)])
+def test_a_channels_last_parameter_only_the_first_task_reaches_gets_its_gradient_in_its_layout(
+    strategy, through_module
+):
+    results = run_distributed(ddp_bodies.first_task_conv_body, 2, strategy, through_module, timeout=120)
+    for res in results:
+        assert res["buckets"] >= 2, "the convolution and the last head must sit in different buckets"
+        assert max(res["errs"]) < 1e-10, res["errs"]
+        assert all(res["layouts"]), "conv.weight.grad must exist and keep the weight's channels_last strides"
+        assert torch.equal(res["params"], results[0]["params"]), "the ranks drifted apart"
+
+
 @pytest.mark.parametrize(("strategy", "conv"), [("replicated", False), ("sharded", False), ("sharded", True)])
 def test_gradient_accumulation_runs_gradvac_once_on_accumulated_gradients(strategy, conv):
     for res in run_distributed(ddp_bodies.accumulation_body, 2, strategy, conv=conv, timeout=120):
