@@ -316,8 +316,11 @@ class _DDPRuntime(Driver):
 
     def flat_view(self, flat: Tensor, index: int) -> Tensor:
         """Parameter ``index``'s columns of a flat ``[n]`` row laid out like its bucket slice, as its shape."""
-        p = self.params[index]
-        return flat[self.offsets[index] : self.offsets[index + 1]].as_strided(p.shape, self.grad_strides[index])
+        return self.as_param(flat[self.offsets[index] : self.offsets[index + 1]], index)
+
+    def as_param(self, columns: Tensor, index: int) -> Tensor:
+        """Parameter ``index``'s flat columns (in bucket layout) viewed as its shape, with its strides."""
+        return columns.as_strided(self.params[index].shape, self.grad_strides[index])
 
     def clear_grads(self) -> None:
         """Between passes: each ``.grad`` DDP wrote goes (its task's gradient is in the stash), so the next
@@ -346,9 +349,8 @@ class _DDPRuntime(Driver):
                 continue
             for index, start, stop in plan.params_in_bucket:
                 if index in missing:
-                    p = self.params[index]
-                    view = plan.result[start:stop].as_strided(p.shape, self.grad_strides[index])
-                    p.grad = view.clone(memory_format=torch.preserve_format)
+                    view = self.as_param(plan.result[start:stop], index)
+                    self.params[index].grad = view.clone(memory_format=torch.preserve_format)
 
     def set_aside_grads(self) -> list[Tensor | None] | None:
         """Takes existing ``.grad`` out of the way of the passes; ``None`` when there is none (after
