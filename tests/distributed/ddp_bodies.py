@@ -8,6 +8,7 @@ per-task gradients, which the test computes on its own from a plain (non-DDP) co
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -96,6 +97,14 @@ def local_jacobian(model: nn.Module, x, ys) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def mean_jacobian(plain: nn.Module, x, ys, world: int) -> torch.Tensor:
+    """The rank mean of every rank's local Jacobian (one all-gather): the reference's input."""
+    local = local_jacobian(plain, x, ys)
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    return torch.stack(gathered).mean(0)
+
+
 def block_columns(model: nn.Module, grouping: str, shared: list[str] | None):
     """(column index of acted-on params in block order, block sizes), from names: the test's own view."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -171,11 +180,7 @@ def run_config(
     max_err = 0.0
     for step in range(steps):
         x, ys = (t.to(device) for t in batch(step, rank, world))
-        local = local_jacobian(plain, x, ys)
-        gathered = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(gathered, local)
-        mean_jac = torch.stack(gathered).mean(0)
-        expected = reference_grad(ref_agg, mean_jac, cols, sizes)
+        expected = reference_grad(ref_agg, mean_jacobian(plain, x, ys, world), cols, sizes)
 
         gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
         # as under plain DDP: a parameter no task on any rank reaches keeps no .grad; every other one
@@ -300,19 +305,44 @@ def misuse_body(rank, world):
     return out
 
 
+class _Twins(NamedTuple):
+    """A hooked DDP model and its plain reference copy, each with its optimizer."""
+
+    ddp: DDP
+    state: GradVacState
+    opt: torch.optim.Optimizer
+    plain: nn.Module
+    ref_agg: GradVac
+    ref_opt: torch.optim.Optimizer
+    cols: torch.Tensor
+    sizes: list[int]
+
+
+def _twins(model: nn.Module, strategy, bucket_cap_mb: float = 0.002) -> _Twins:
+    """``model`` under DDP with GradVac's hook (grouping "module"), and the reference that checks it."""
+    plain = copy.deepcopy(model)
+    ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=bucket_cap_mb)
+    state = GradVacState(num_tasks=M, grouping="module", strategy=strategy)
+    ddp.register_comm_hook(state, gradvac_hook)
+    cols, sizes = block_columns(plain, "module", None)
+    return _Twins(
+        ddp,
+        state,
+        torch.optim.SGD(ddp.parameters(), lr=0.05),
+        plain,
+        GradVac(),
+        torch.optim.SGD(plain.parameters(), lr=0.05),
+        cols,
+        sizes,
+    )
+
+
 def accumulation_body(rank, world, strategy, micro=3, steps=2, conv=False):
     """`micro` micro-batches per step: GradVac once, on each task's gradient summed over them
     (``conv``: on a channels_last convolution, whose bucket slice is in memory order)."""
     model = make_conv_model() if conv else make_model()
-    plain = copy.deepcopy(model)
-    ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=0.002)
-    state = GradVacState(num_tasks=M, grouping="module", strategy=strategy)
-    ddp.register_comm_hook(state, gradvac_hook)
-    ref_agg = GradVac()
-    cols, sizes = block_columns(plain, "module", None)
+    ddp, state, opt, plain, ref_agg, ref_opt, cols, sizes = _twins(model, strategy)
     errs, comm_during_accumulation = [], 0
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
-    ref_opt = torch.optim.SGD(plain.parameters(), lr=0.05)
     for step in range(steps):
         total_local = 0
         for k in range(micro):
@@ -342,22 +372,12 @@ def first_task_conv_body(rank, world, strategy, through_module):
     """A channels_last convolution reached by task 0 alone: after the last pass (which does not reach
     it) its .grad is the aggregated gradient in the parameter's own layout, on every rank."""
     model = make_conv_model(split=True)
-    plain = copy.deepcopy(model)
-    ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=0.0001)
-    state = GradVacState(num_tasks=M, grouping="module", strategy=strategy)
-    ddp.register_comm_hook(state, gradvac_hook)
-    ref_agg = GradVac()
-    cols, sizes = block_columns(plain, "module", None)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
-    ref_opt = torch.optim.SGD(plain.parameters(), lr=0.05)
+    ddp, state, opt, plain, ref_agg, ref_opt, cols, sizes = _twins(model, strategy, bucket_cap_mb=0.0001)
     forward = ddp.module if through_module else ddp
     errs, layouts = [], []
     for step in range(2):
         x, ys = batch(step, rank, world)
-        local = local_jacobian(plain, x, ys)
-        gathered = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(gathered, local)
-        expected = reference_grad(ref_agg, torch.stack(gathered).mean(0), cols, sizes)
+        expected = reference_grad(ref_agg, mean_jacobian(plain, x, ys, world), cols, sizes)
         gradvac_dist.backward(ddp, task_losses(forward(x), ys))
         weight = model.conv.weight
         layouts.append(weight.grad is not None and weight.grad.stride() == weight.stride())

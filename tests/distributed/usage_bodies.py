@@ -22,8 +22,8 @@ from tests.distributed.ddp_bodies import (
     _step_both,
     batch,
     block_columns,
-    local_jacobian,
     make_model,
+    mean_jacobian,
     reference_grad,
     task_losses,
 )
@@ -31,13 +31,6 @@ from tests.distributed.ddp_bodies import (
 
 def _grad(model) -> torch.Tensor:
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
-
-
-def _mean_jacobian(plain, x, ys, world) -> torch.Tensor:
-    local = local_jacobian(plain, x, ys)
-    gathered = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local)
-    return torch.stack(gathered).mean(0)
 
 
 def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -131,7 +124,7 @@ def accumulation_body(rank, world, micro=2):
     total = 0
     for k in range(micro):
         x, ys = batch(k, rank, world)
-        total = total + _mean_jacobian(plain, x, ys, world)
+        total = total + mean_jacobian(plain, x, ys, world)
         if k < micro - 1:
             with ddp.no_sync():
                 gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
@@ -158,7 +151,7 @@ def forgotten_zero_grad_body(rank, world, strategy, bucket_view):
     expected = 0
     for step in range(2):
         x, ys = batch(step, rank, world)
-        expected = expected + reference_grad(ref, _mean_jacobian(plain, x, ys, world), cols, sizes)
+        expected = expected + reference_grad(ref, mean_jacobian(plain, x, ys, world), cols, sizes)
         gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
     return _rel(_grad(model), expected)
 
@@ -177,7 +170,7 @@ def module_forward_body(rank, world, strategy, grouping):
     errs, head_errs, missing = [], [], []
     for step in range(2):
         x, ys = batch(step, rank, world)
-        expected = reference_grad(ref, _mean_jacobian(plain, x, ys, world), cols, sizes)
+        expected = reference_grad(ref, mean_jacobian(plain, x, ys, world), cols, sizes)
         gradvac_dist.backward(ddp, task_losses(ddp.module(x), ys))
         got = _grad(model)
         errs.append(_rel(got, expected))
@@ -216,7 +209,7 @@ def frozen_after_wrap_body(rank, world):
     plain = copy.deepcopy(model)  # the reference has the same parameter frozen
     cols, sizes = block_columns(plain, "module", None)
     x, ys = batch(0, rank, world)
-    expected = reference_grad(GradVac(), _mean_jacobian(plain, x, ys, world), cols, sizes)
+    expected = reference_grad(GradVac(), mean_jacobian(plain, x, ys, world), cols, sizes)
     gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
     got = torch.cat(
         [(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in model.parameters() if p.requires_grad]
@@ -278,7 +271,7 @@ def compiled_body(rank, world):
     errs = []
     for step in range(2):
         x, ys = batch(step, rank, world)
-        expected = reference_grad(ref, _mean_jacobian(plain, x, ys, world), cols, sizes)
+        expected = reference_grad(ref, mean_jacobian(plain, x, ys, world), cols, sizes)
         gradvac_dist.backward(compiled, task_losses(compiled(x), ys))
         errs.append(_rel(_grad(model), expected))
         model.zero_grad()
