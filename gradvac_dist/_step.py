@@ -290,10 +290,8 @@ def _step(
     # Exact symmetry: rounding can break it slightly. One strided copy, then a sum of contiguous
     # rows (adding two permuted views strides through both: 4.8 vs 4.1 ms at m=64, K=500 with 2 threads,
     # 10.1 vs 7.2 ms with 1).
-    # The raw copy is the loop's scratch buffer afterwards.
     raw = blocks_last(gramians)
     gram = torch.add(raw, raw.transpose(0, 1)).mul_(0.5).view(m * m, num_blocks)
-    raw = raw.view(m * m, num_blocks)
     old_targets = blocks_last(targets).view(m * m, num_blocks)  # a copy of its own (updated in place below)
 
     # Visit s of task i is the pair (i, order[i, s]). Everything is laid out visit-first,
@@ -329,7 +327,7 @@ def _step(
     # One scratch buffer for the per-visit gathers (the raw Gramians' copy, done with): a fresh
     # allocation per visit costs more than the gather itself (page faults: measured 7 ms vs 1.3 ms
     # per visit at m=64, K=500).
-    scratch = raw
+    scratch = raw.view(m * m, num_blocks)
 
     # Per-visit views, made once (indexing in the loop would dispatch one select per tensor per visit).
     per_visit = zip(
