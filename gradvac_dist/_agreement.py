@@ -179,7 +179,9 @@ def write_fingerprint(out: Tensor, targets: Tensor | None, generator: torch.Gene
     if targets is None:
         mixed = torch.tensor(host, dtype=torch.int64)
     else:
-        t = targets.detach().contiguous().view(torch.int64).reshape(-1)
+        # in blocks-last order, the layout the coefficient stage leaves them in (no copy then); any
+        # other layout (a loaded checkpoint) hashes the same values to the same fingerprint
+        t = targets.detach().permute(1, 2, 0).contiguous().view(torch.int64).reshape(-1)
         mixed = (t * _multipliers(t.numel(), t.device)).sum() ^ host
     mask = (1 << bits) - 1
     channels = torch.stack([(mixed >> (3 + 23 * c)) & mask for c in range(CHANNELS)]).to(torch.float64)

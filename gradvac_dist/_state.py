@@ -135,7 +135,10 @@ class Trajectory:
             VERSION_KEY: FORMAT_VERSION,
             NUM_TASKS_KEY: self.num_tasks,
             BLOCK_SIZES_KEY: None if self.block_sizes is None else list(self.block_sizes),
-            TARGETS_KEY: None if self.targets is None else self.targets.detach().cpu().clone(),
+            # packed [K, m, m], whatever layout the stage left them in (blocks last)
+            TARGETS_KEY: None
+            if self.targets is None
+            else self.targets.detach().cpu().clone(memory_format=torch.contiguous_format),
             GENERATOR_KEY: self.generator.get_state(),
             STEP_KEY: self.step,
         }

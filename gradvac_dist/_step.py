@@ -41,6 +41,12 @@ class GradVacStepResult(NamedTuple):
             visited task ``j`` in block ``k`` (task ``i``'s modified gradient against task ``j``'s
             original one), before any correction. The diagonal is 1.
         corrected: ``[K, m, m]`` bool; whether that visit applied a correction.
+
+    The vectorised stage works blocks last (``[m, m, K]`` storage) and hands ``targets``,
+    ``cosines`` and ``corrected`` back as ``[K, m, m]`` views of that storage, not packed: packing
+    three such arrays cost about a fifth of the whole stage at m=64, K=500, and the next step reads
+    its targets back in that layout with a plain copy. Index them as usual; call ``.contiguous()``
+    where packed memory is needed (``.view`` of a flattened shape, a C extension).
     """
 
     coefficients: Tensor
@@ -284,8 +290,8 @@ def _step(
     def blocks_last(x: Tensor) -> Tensor:
         return torch.empty((m, m, num_blocks), dtype=dtype, device=device).copy_(x.permute(1, 2, 0))
 
-    def blocks_first(x: Tensor) -> Tensor:
-        return x.view(m, m, num_blocks).permute(2, 0, 1).contiguous()
+    def blocks_first(x: Tensor) -> Tensor:  # a view: the results keep the blocks-last storage (see GradVacStepResult)
+        return x.view(m, m, num_blocks).permute(2, 0, 1)
 
     # Exact symmetry: rounding can break it slightly. One strided copy, then a sum of contiguous
     # rows (adding two permuted views strides through both: 4.8 vs 4.1 ms at m=64, K=500 with 2 threads,

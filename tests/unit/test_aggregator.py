@@ -44,21 +44,26 @@ def test_matches_reference_over_steps():
     assert agg.step == 5 and agg.last_result is not None
 
 
-def test_reproducible_and_resume_via_state_dict():
-    jacs = jac_stream(4, 50, steps=6, seed=1)
+# two blocks: the scalar stage (24 visits); twenty: the vectorised one, whose targets live blocks last
+@pytest.mark.parametrize("sizes", [[20, 30], [5] * 10 + [2] * 10 + [3] * 10], ids=["scalar", "vectorised"])
+def test_reproducible_and_resume_via_state_dict(sizes):
+    jacs = jac_stream(4, sum(sizes), steps=6, seed=1)
     full = GradVac(seed=9)
-    full_outs = [full(j, [20, 30]) for j in jacs]
+    full_outs = [full(j, sizes) for j in jacs]
     first = GradVac(seed=9)
     for j in jacs[:3]:
-        first(j, [20, 30])
+        first(j, sizes)
+    checkpoint = first.state_dict()
+    assert checkpoint["targets"].is_contiguous()  # packed [K, m, m], whatever layout the stage keeps
+    assert torch.equal(checkpoint["targets"], first.targets)
     buf = io.BytesIO()
-    torch.save(first.state_dict(), buf)
+    torch.save(checkpoint, buf)
     buf.seek(0)
     resumed = GradVac(seed=123)  # the seed is overridden by the generator state
     resumed.load_state_dict(torch.load(buf, weights_only=True))
     assert resumed.step == 3
     for j, expected in zip(jacs[3:], full_outs[3:]):
-        assert torch.equal(resumed(j, [20, 30]), expected)
+        assert torch.equal(resumed(j, sizes), expected)
     assert torch.equal(resumed.targets, full.targets)
 
 

@@ -174,3 +174,22 @@ class TestCheckpointFiles:
             agg(jac(), [20, 20])
         with pytest.raises(ValueError, match="save_checkpoint expects a dict"):
             save_checkpoint([1, 2], "x.pt")
+
+
+def test_fingerprint_depends_on_the_targets_values_not_their_layout():
+    """Ranks compare trajectories by fingerprint: a rank holding its targets in the stage's
+    blocks-last layout and one holding a packed copy (a checkpoint just loaded) must agree."""
+    from gradvac_dist._agreement import CHANNELS, write_fingerprint
+
+    def fingerprint(targets):
+        out = torch.zeros(2 * CHANNELS, dtype=torch.float64)
+        write_fingerprint(out, targets, torch.Generator().manual_seed(3), 7, 24)
+        return out
+
+    packed = torch.rand(5, 4, 4, dtype=torch.float64) * 2 - 1
+    blocks_last = packed.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # same values, other strides
+    assert not blocks_last.is_contiguous()
+    assert torch.equal(fingerprint(packed), fingerprint(blocks_last))
+    changed = packed.clone()
+    changed[4, 1, 2] = torch.nextafter(changed[4, 1, 2], torch.tensor(2.0, dtype=torch.float64))
+    assert not torch.equal(fingerprint(packed), fingerprint(changed))
