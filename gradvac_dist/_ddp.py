@@ -186,7 +186,8 @@ class _BucketPlan:
         buf = bucket.buffer()
         self.length = buf.numel()
         assert start == self.length, "bucket buffer must be the concatenation of its parameters' gradients"
-        self.full_segments = segments
+        # adjacent parameters of one block merged: the combine is one matrix product per run, not per parameter
+        self.full_segments = segments_of_range(segments, 0, self.length)
         self.params_in_bucket = by_param
         shard = shard_length(self.length, world)
         lo = min(rank * shard, self.length)
