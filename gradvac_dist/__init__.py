@@ -13,7 +13,7 @@ from ._ddp import gradvac_hook, register_ddp
 from ._errors import NonFiniteGradientError
 from ._fsdp import FSDPGradVac, register_fsdp
 from ._state import GradVacConfig, GradVacState
-from ._step import GradVacStepResult, draw_order, gradvac_step
+from ._step import GradVacStepResult, StepWorkspace, draw_order, gradvac_step
 
 __all__ = [
     "GROUPINGS",
@@ -25,6 +25,7 @@ __all__ = [
     "GradVacState",
     "GradVacStepResult",
     "NonFiniteGradientError",
+    "StepWorkspace",
     "WeightedAggregator",
     "backward",
     "draw_order",

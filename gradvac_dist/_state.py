@@ -17,7 +17,7 @@ from ._blocks import GROUPINGS
 from ._checks import check_num_tasks
 from ._comm import STRATEGIES, CommCounters
 from ._errors import ON_NONFINITE
-from ._step import GradVacStepResult, draw_order, gradvac_step
+from ._step import GradVacStepResult, StepWorkspace, draw_order, gradvac_step
 from ._weighting import Weighting, check_weighting, weigh_blocks
 
 __all__ = ["GradVacConfig", "GradVacState", "Trajectory", "from_plain", "to_plain"]
@@ -70,15 +70,18 @@ class Trajectory:
     then on a step with another ``m`` or other block sizes is refused (call :meth:`reset`).
     """
 
-    __slots__ = ("_seed", "block_sizes", "generator", "num_tasks", "step", "targets")
+    __slots__ = ("_seed", "block_sizes", "generator", "num_tasks", "step", "targets", "workspace")
 
     def __init__(self, seed: int, num_tasks: int | None = None) -> None:
         self._seed = seed
         self.num_tasks = num_tasks
+        #: the coefficient stage's working arrays, kept between steps (scratch, never in state_dict)
+        self.workspace = StepWorkspace()
         self.reset()
 
     def reset(self) -> None:
         """Forgets the targets, re-seeds the generator and restarts the step count."""
+        self.workspace.clear()
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(self._seed)
         self.targets: Tensor | None = None
@@ -113,7 +116,15 @@ class Trajectory:
         order = draw_order(m, self.generator)
         if gramians.device.type != "cpu":  # pinned, so the copy is asynchronous: no host synchronisation
             order = order.pin_memory().to(gramians.device, non_blocking=True)
-        result = gradvac_step(gramians, targets, order, beta=config.beta, eps=config.eps, check_inputs=check_inputs)
+        result = gradvac_step(
+            gramians,
+            targets,
+            order,
+            beta=config.beta,
+            eps=config.eps,
+            check_inputs=check_inputs,
+            workspace=self.workspace,
+        )
         self.targets = result.targets
         self.block_sizes = block_sizes
         self.num_tasks = m
@@ -371,9 +382,14 @@ class GradVacState:
 
         ``"stash"``: the per-task gradients (``m n / W`` elements under DDP's sharded strategy and
         FSDP2, ``m n`` under DDP's replicated strategy); ``"scratch"`` (DDP, sharded): the padded
-        send and receive buffers of the per-task reduce-scatter, reused by the result all-gather.
+        send and receive buffers of the per-task reduce-scatter, reused by the result all-gather;
+        ``"stage"``: the coefficient stage's working arrays (about ``10 K m^2`` float64 numbers,
+        once the vectorised stage has run; see :class:`gradvac_dist.StepWorkspace`).
         """
-        return {} if self._driver is None else self._driver.buffer_bytes()
+        out = {} if self._driver is None else self._driver.buffer_bytes()
+        if out and self.trajectory.workspace.nbytes:
+            out["stage"] = self.trajectory.workspace.nbytes
+        return out
 
     def __repr__(self) -> str:
         c = self.config

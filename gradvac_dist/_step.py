@@ -12,14 +12,14 @@ https://arxiv.org/abs/2010.05874 .
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ._blocks import exact_arithmetic
 
-__all__ = ["SCALAR_STAGE_MAX_VISITS", "GradVacStepResult", "draw_order", "gradvac_step"]
+__all__ = ["SCALAR_STAGE_MAX_VISITS", "GradVacStepResult", "StepWorkspace", "draw_order", "gradvac_step"]
 
 #: Up to this many visits (``K m (m - 1)``) a float64 step on the CPU runs as plain Python float
 #: arithmetic, the same formulas visit by visit; above it, as the vectorised torch loop. The torch
@@ -53,6 +53,48 @@ class GradVacStepResult(NamedTuple):
     targets: Tensor
     cosines: Tensor
     corrected: Tensor
+
+
+class StepWorkspace:
+    """Buffers the vectorised stage reuses from one step to the next, for one run of steps.
+
+    A step of the vectorised stage needs about ten ``[m-1, m, K]`` working arrays (16 MB each at
+    m=64, K=500) that nothing outside it sees. Allocated fresh every step, host memory costs a pass
+    of page faults to map them and another to unmap them: measured on the 2-core development
+    machine, a quarter of the whole stage at that size. A workspace keeps them (``nbytes`` says how
+    much) and hands them back when the next step has the same ``m``, ``K``, dtype and device,
+    overwriting every element before it is read, so results never depend on what a buffer held.
+    The arrays a step returns are always fresh. Not shared between threads; pickled and copied
+    empty (it is scratch, not state).
+    """
+
+    __slots__ = ("_buffers",)
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The buffer ``name``, uninitialised, of this shape, dtype and device (reallocated if any differ)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+            self._buffers.pop(name, None)  # release the old one before allocating its successor
+            buf = self._buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def clear(self) -> None:
+        """Releases every buffer."""
+        self._buffers.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._buffers = {}
 
 
 def draw_order(m: int, generator: torch.Generator) -> Tensor:
@@ -153,6 +195,7 @@ def gradvac_step(
     eps: float = 1e-8,
     dtype: torch.dtype = torch.float64,
     check_inputs: bool = True,
+    workspace: StepWorkspace | None = None,
 ) -> GradVacStepResult:
     r"""Runs one GradVac step on per-block Gramians.
 
@@ -199,6 +242,10 @@ def gradvac_step(
             Gramians' dtype); results come back in this dtype, on the Gramians' device.
         check_inputs: validate shapes, the order, symmetry and finiteness (four host syncs).
             Internal callers that built the inputs themselves pass False; the step itself has none.
+        workspace: a :class:`StepWorkspace` whose buffers the vectorised stage reuses (it keeps its
+            working arrays there for the next call); ``None``: fresh arrays, freed on return. The
+            trajectory of a :class:`~gradvac_dist.GradVac` or :class:`~gradvac_dist.GradVacState`
+            keeps one.
 
     Returns:
         A :class:`GradVacStepResult` ``(coefficients, targets, cosines, corrected)``.
@@ -214,7 +261,7 @@ def gradvac_step(
     ):
         return _step_scalar(gramians, targets, order, float(beta), float(eps))
     with exact_arithmetic(gramians.device):  # the whole stage keeps ``dtype``, whatever autocast says
-        return _step(gramians, targets, order, beta, eps, dtype)
+        return _step(gramians, targets, order, beta, eps, dtype, workspace)
 
 
 def _step_scalar(gramians: Tensor, targets: Tensor, order: Tensor, beta: float, eps: float) -> GradVacStepResult:
@@ -273,7 +320,13 @@ def _step_scalar(gramians: Tensor, targets: Tensor, order: Tensor, beta: float, 
 
 
 def _step(
-    gramians: Tensor, targets: Tensor, order: Tensor, beta: float, eps: float, dtype: torch.dtype
+    gramians: Tensor,
+    targets: Tensor,
+    order: Tensor,
+    beta: float,
+    eps: float,
+    dtype: torch.dtype,
+    workspace: StepWorkspace | None = None,
 ) -> GradVacStepResult:
     device = gramians.device
     num_blocks, m = gramians.shape[0], gramians.shape[1]
@@ -283,22 +336,29 @@ def _step(
         return GradVacStepResult(
             ones, targets.to(device=device, dtype=dtype, copy=True), ones.view(-1, 1, 1), ones.view(-1, 1, 1) < 0
         )
+
     # Full-size [m, m, K] arrays are few and written in place where they can be: at m=64, K=500 each
-    # is 16 MB, and a fresh one costs a pass of page faults besides its arithmetic.
+    # is 16 MB, and a fresh one costs a pass of page faults besides its arithmetic. The working ones
+    # come from the workspace (reused from the previous step) when there is one; the three returned
+    # (targets, cosines, corrected) are always fresh.
+    def work(name: str, shape: tuple[int, ...], kind: torch.dtype = dtype) -> Tensor:
+        if workspace is None:
+            return torch.empty(shape, dtype=kind, device=device)
+        return workspace.get(name, shape, kind, device)
+
     # Blocks last: row a*m + b holds the K values of pair (a, b), so every gather below is a
     # contiguous index_select of whole rows.
-    def blocks_last(x: Tensor) -> Tensor:
-        return torch.empty((m, m, num_blocks), dtype=dtype, device=device).copy_(x.permute(1, 2, 0))
-
     def blocks_first(x: Tensor) -> Tensor:  # a view: the results keep the blocks-last storage (see GradVacStepResult)
         return x.view(m, m, num_blocks).permute(2, 0, 1)
 
     # Exact symmetry: rounding can break it slightly. One strided copy, then a sum of contiguous
     # rows (adding two permuted views strides through both: 4.8 vs 4.1 ms at m=64, K=500 with 2 threads,
     # 10.1 vs 7.2 ms with 1).
-    raw = blocks_last(gramians)
-    gram = torch.add(raw, raw.transpose(0, 1)).mul_(0.5).view(m * m, num_blocks)
-    old_targets = blocks_last(targets).view(m * m, num_blocks)  # a copy of its own (updated in place below)
+    raw = work("raw", (m, m, num_blocks)).copy_(gramians.permute(1, 2, 0))
+    gram = torch.add(raw, raw.transpose(0, 1), out=work("gram", (m, m, num_blocks))).mul_(0.5).view(m * m, num_blocks)
+    # a copy of its own, updated in place below into the new targets (returned: fresh)
+    old_targets = torch.empty((m * m, num_blocks), dtype=dtype, device=device)
+    old_targets.view(m, m, num_blocks).copy_(targets.permute(1, 2, 0))
 
     # Visit s of task i is the pair (i, order[i, s]). Everything is laid out visit-first,
     # [m-1, m, K], so each visit reads contiguous slices. pair_index[s, i] is the pair's row.
@@ -308,26 +368,31 @@ def _step(
     # a correction at visit s into a change of the dot product needed at visit r > s.
     next_index = visits.unsqueeze(1) * m + visits.unsqueeze(0)  # [m-1, m-1, m]
     shape = (m - 1, m, num_blocks)
+    flat = ((m - 1) * m, num_blocks)  # the same, as rows for index_select's out=
     g_sq = gram.index_select(0, torch.arange(m, device=device) * (m + 1)).clamp_min(0.0)  # |g_l|^2, [m, K]
-    gj_sq = g_sq.index_select(0, visits.reshape(-1)).view(shape)
-    gj_norm = g_sq.sqrt().index_select(0, visits.reshape(-1)).view(shape)  # m K square roots, not m^2 K
-    t_all = old_targets.index_select(0, pair_index).view(shape)
-    sqrt_1_t2 = torch.mul(t_all, t_all).neg_().add_(1.0).clamp_min_(0.0).sqrt_()  # 1 - t^2, as rounded before
-    w_den = torch.mul(gj_norm, sqrt_1_t2).add_(eps)
+    gj_sq = torch.index_select(g_sq, 0, visits.reshape(-1), out=work("gj_sq", flat)).view(shape)
+    # m K square roots, not m^2 K
+    gj_norm = torch.index_select(g_sq.sqrt(), 0, visits.reshape(-1), out=work("gj_norm", flat)).view(shape)
+    t_all = torch.index_select(old_targets, 0, pair_index, out=work("t_all", flat)).view(shape)
+    # 1 - t^2, as rounded before
+    sqrt_1_t2 = torch.mul(t_all, t_all, out=work("sqrt_1_t2", shape)).neg_().add_(1.0).clamp_min_(0.0).sqrt_()
+    w_den = torch.mul(gj_norm, sqrt_1_t2, out=work("w_den", shape)).add_(eps)
     # No correction for a zero g_j, nor where sqrt(1 - t^2) = 0 (a target of exactly +-1): reaching a
     # cosine of +-1 would take an infinite w, and the formula's w then divides by eps alone (|p|/eps,
     # 1e8 |p|, set off by rounding noise in phi): with beta = 1 and parallel gradients that overflowed
     # float32 within two steps.
-    can = (gj_sq > 0).logical_and_(sqrt_1_t2 > 0)
+    can = torch.gt(gj_sq, 0, out=work("can", shape, torch.bool))
+    flags = work("flags", shape, torch.bool)  # a bool temporary
+    can.logical_and_(torch.gt(sqrt_1_t2, 0, out=flags))
     if eps <= 0:  # with eps > 0, w_den >= eps > 0 everywhere (a Python float: no host sync)
-        can.logical_and_(w_den > 0)
-    w_den.masked_fill_(~can, 1.0)
+        can.logical_and_(torch.gt(w_den, 0, out=flags))
+    w_den.masked_fill_(torch.logical_not(can, out=flags), 1.0)
     # dots[s, i] = <p_i, g_order[i, s]>, kept current as p_i is corrected (starts as <g_i, g_j>).
-    dots = gram.index_select(0, pair_index).view(shape)
+    dots = torch.index_select(gram, 0, pair_index, out=work("dots", flat)).view(shape)
     p_sq = g_sq.clone()  # |p_i|^2
-    phis = torch.empty(shape, dtype=dtype, device=device)
-    weights = torch.empty(shape, dtype=dtype, device=device)
-    applied = torch.empty(shape, dtype=torch.bool, device=device)
+    phis = work("phis", shape)
+    weights = work("weights", shape)
+    applied = work("applied", shape, torch.bool)
     eps_t = torch.full((), eps, dtype=dtype, device=device)
     one = torch.ones((), dtype=dtype, device=device)
     # One scratch buffer for the per-visit gathers (the raw Gramians' copy, done with): a fresh
@@ -366,7 +431,7 @@ def _step(
     new_targets = old_targets.index_copy_(0, pair_index, ema.view(-1, num_blocks))
     # pair_index lists every pair (i, j != i) exactly once (row i of order is a permutation of the
     # others), so the copies below overwrite every row but the diagonal ones, set first.
-    cosines = gram  # the Gramian is done with too
+    cosines = torch.empty((m * m, num_blocks), dtype=dtype, device=device)
     cosines[:: m + 1].fill_(1.0)  # the diagonal pairs (a, a)
     cosines.index_copy_(0, pair_index, phis.view(-1, num_blocks))
     corrected = torch.empty((m * m, num_blocks), dtype=torch.bool, device=device)

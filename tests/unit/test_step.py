@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gradvac_dist._step as step_module
-from gradvac_dist import draw_order, gradvac_step
+from gradvac_dist import StepWorkspace, draw_order, gradvac_step
 from gradvac_dist._blocks import contiguous_segments, partial_gramians
 from tests.reference import gradvac_reference, pcgrad_reference
 from tests.settings import DTYPE, RTOL, randn_
@@ -92,6 +94,41 @@ def test_inputs_not_mutated_and_result_fields():
     assert res.cosines.shape == (2, m, m) and res.corrected.dtype == torch.bool
     assert torch.equal(torch.diagonal(res.targets, dim1=1, dim2=2), torch.diagonal(T, dim1=1, dim2=2))
     assert res.coefficients.dtype == torch.float64
+
+
+def test_workspace_changes_no_result_and_aliases_none(stage):
+    """Steps through one StepWorkspace give bit-identical results to fresh arrays whatever its buffers
+    held before (other shapes, other values), and a later step never writes into an earlier result."""
+    workspace = StepWorkspace()
+    gen = torch.Generator().manual_seed(5)
+    held = []
+    for step, (m, sizes) in enumerate([(5, [12, 30, 9]), (5, [12, 30, 9]), (4, [8, 8]), (5, [12, 30, 9])]):
+        grads = conflicting_grads(m, sum(sizes), seed=40 + step)
+        T = torch.rand(len(sizes), m, m, generator=gen, dtype=torch.float64) * 1.6 - 0.8
+        if step == 1:  # the no-correction cases too: a zero task gradient in a block, a target of exactly 1
+            grads[2, : sizes[0]] = 0.0
+            T[1, 0, 3] = 1.0
+        G = gramians_of(grads, sizes)
+        order = draw_order(m, gen)
+        fresh = gradvac_step(G, T, order)
+        for buf in workspace._buffers.values():  # garbage in every kept buffer: none may be read unwritten
+            buf.fill_(True if buf.dtype == torch.bool else math.nan)
+        reused = gradvac_step(G, T, order, workspace=workspace)
+        assert all(torch.equal(a, b) for a, b in zip(fresh, reused)), step
+        assert reused.corrected.any(), "inputs should create corrections, else the test proves little"
+        held.append((reused, [t.clone() for t in reused]))
+    for result, snapshot in held:
+        assert all(torch.equal(a, b) for a, b in zip(result, snapshot))
+    if stage == "vectorised":
+        buffers = dict(workspace._buffers)
+        assert workspace.nbytes == sum(b.numel() * b.element_size() for b in buffers.values()) > 0
+        gradvac_step(G, T, order, workspace=workspace)  # same shape as the last step: the same storage
+        assert {n: b.data_ptr() for n, b in workspace._buffers.items()} == {n: b.data_ptr() for n, b in buffers.items()}
+    else:
+        assert workspace.nbytes == 0  # the scalar stage has no arrays to keep
+    assert pickle.loads(pickle.dumps(workspace)).nbytes == 0 and copy.deepcopy(workspace).nbytes == 0
+    workspace.clear()
+    assert workspace.nbytes == 0
 
 
 def test_single_task_returns_gradient_unchanged():
