@@ -5,8 +5,8 @@ For each case (``m`` tasks, ``K`` equal contiguous blocks, ``n`` columns, a floa
 
 - GradVac: ``GradVac()(jacobian, block_sizes)``, and its stages alone: the Gramians
   (:func:`~gradvac_dist._blocks.partial_gramians`), the coefficient stage
-  (:func:`~gradvac_dist.gradvac_step` without its input checks, as the aggregator runs it: it builds
-  the Gramians and orders itself and checks finiteness once) and
+  (:func:`~gradvac_dist.gradvac_step` without its input checks and with a kept workspace, as the
+  aggregator runs it: it builds the Gramians and orders itself and checks finiteness once) and
   :func:`~gradvac_dist._blocks.combine`;
 - the plain per-pair loop: the vector form of the design notes written naively, as LibMTL does
   (:class:`PlainLoopGradVac`);
@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from gradvac_dist import GradVac, draw_order, gradvac_step
+from gradvac_dist import GradVac, StepWorkspace, draw_order, gradvac_step
 
 # The aggregator's two other stages, timed alone: the library has no public name for them (GradVac
 # runs them inside its call), so they are read from the private module, called, and never patched.
@@ -263,10 +263,11 @@ def run_case(case: Case, *, repeats: int, warmup: int) -> CaseResult:
     targets = aggregator.targets
     order = draw_order(m, torch.Generator().manual_seed(SEED))
     coefficients = gradvac_step(gramians, targets, order).coefficients
+    workspace = StepWorkspace()  # the stage's buffers kept between calls, as the aggregator's trajectory keeps them
     contenders: dict[str, Callable[[], object]] = {
         "gradvac": lambda: aggregator(jacobian, sizes),
         "gramians": lambda: partial_gramians(jacobian, segments, len(sizes)),
-        "step": lambda: gradvac_step(gramians, targets, order, check_inputs=False),
+        "step": lambda: gradvac_step(gramians, targets, order, check_inputs=False, workspace=workspace),
         "combine": lambda: combine(jacobian, coefficients, segments),
         "sum": lambda: jacobian.sum(0),
     }
