@@ -59,9 +59,11 @@ class StepWorkspace:
     """Buffers the vectorised stage reuses from one step to the next, for one run of steps.
 
     A step of the vectorised stage needs about ten ``[m-1, m, K]`` working arrays (16 MB each at
-    m=64, K=500) that nothing outside it sees. Allocated fresh every step, host memory costs a pass
-    of page faults to map them and another to unmap them: measured on the 2-core development
-    machine, a quarter of the whole stage at that size. A workspace keeps them (``nbytes`` says how
+    m=64, K=500) that nothing outside it sees. Allocated fresh every step, host memory may cost a
+    pass of page faults to map them and another to unmap them, depending on what else the process
+    allocates: on the 2-core development machine at that size, a kept workspace made the stage
+    0.69x-0.72x as long with nothing run between steps, and changed nothing where other large
+    allocations kept the heap warm. A workspace keeps them (``nbytes`` says how
     much) and hands them back when the next step has the same ``m``, ``K``, dtype and device,
     overwriting every element before it is read, so results never depend on what a buffer held.
     The arrays a step returns are always fresh. Not shared between threads; pickled and copied
