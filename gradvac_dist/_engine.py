@@ -262,9 +262,14 @@ class Engine:
             # A Gramian weighting runs on the host: in float64, identically on every rank.
             weighting = state.weighting
             on_host = device.type == "cpu" or weighting is not None or num_blocks * m * m < DEVICE_STAGE_MIN_ENTRIES
-            stage = buf.cpu() if on_host else buf
-            checks = torch.stack([torch.isfinite(stage[:size]).all(), fingerprint_agrees(stage[size:], self.world)])
-            finite, in_sync = checks.tolist()  # the step's one host synchronisation; identical on every rank
+            stage = buf.cpu() if on_host else buf  # (to the host: the step's one synchronisation)
+            # Both decisions are identical on every rank; one rank has no one to disagree with.
+            if on_host:  # nothing left to synchronise: two plain reads (a stack would cost more)
+                finite = bool(torch.isfinite(stage[:size]).all())
+                in_sync = self.world == 1 or bool(fingerprint_agrees(stage[size:], self.world))
+            else:  # both read in the step's one host synchronisation
+                checks = torch.stack([torch.isfinite(stage[:size]).all(), fingerprint_agrees(stage[size:], self.world)])
+                finite, in_sync = checks.tolist()
             if finite and in_sync:
                 stage_gram = stage[: num_blocks * m * m].view(num_blocks, m, m)
                 if weighting is not None:

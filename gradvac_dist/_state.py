@@ -17,7 +17,7 @@ from ._blocks import GROUPINGS
 from ._checks import check_num_tasks
 from ._comm import STRATEGIES, CommCounters
 from ._errors import ON_NONFINITE
-from ._step import GradVacStepResult, StepWorkspace, draw_order, gradvac_step
+from ._step import GradVacStepResult, StepWorkspace, step_with_drawn_order
 from ._weighting import Weighting, check_weighting, weigh_blocks
 
 __all__ = ["GradVacConfig", "GradVacState", "Trajectory", "from_plain", "to_plain"]
@@ -106,20 +106,17 @@ class Trajectory:
     def advance(
         self, gramians: Tensor, block_sizes: tuple[int, ...], config: GradVacConfig, *, check_inputs: bool = True
     ) -> GradVacStepResult:
-        """One step: draws the order, runs :func:`gradvac_step`, keeps the new targets."""
+        """One step: draws the order (:func:`~gradvac_dist.draw_order`), runs :func:`~gradvac_dist.gradvac_step`, keeps the new targets."""
         num_blocks, m = gramians.shape[0], gramians.shape[1]
         self.check_shape(m, block_sizes)
         if self.targets is None:
             targets = torch.zeros((num_blocks, m, m), dtype=torch.float64, device=gramians.device)
         else:
             targets = self.targets.to(gramians.device)
-        order = draw_order(m, self.generator)
-        if gramians.device.type != "cpu":  # pinned, so the copy is asynchronous: no host synchronisation
-            order = order.pin_memory().to(gramians.device, non_blocking=True)
-        result = gradvac_step(
+        result = step_with_drawn_order(
             gramians,
             targets,
-            order,
+            self.generator,
             beta=config.beta,
             eps=config.eps,
             check_inputs=check_inputs,

@@ -132,6 +132,48 @@ def draw_order(m: int, generator: torch.Generator) -> Tensor:
     return perm + (perm >= rows).long()
 
 
+def _draw_visits(m: int, generator: torch.Generator) -> list[list[int]]:
+    """:func:`draw_order` as nested lists, for the scalar stage: the same keys from the generator
+    (which advances the same), sorted by Python's sort, stable as ``argsort(stable=True)``: the
+    same orders with two torch calls instead of six."""
+    visits = []
+    for i, row in enumerate(torch.rand((m, m - 1), generator=generator, dtype=torch.float64).tolist()):
+        visits.append([p + (p >= i) for p in sorted(range(m - 1), key=row.__getitem__)])
+    return visits
+
+
+def uses_scalar_stage(gramians: Tensor, targets: Tensor, dtype: torch.dtype = torch.float64) -> bool:
+    """Whether :func:`gradvac_step` runs these inputs through the scalar stage (a function of shapes,
+    devices and dtype alone, identical on every rank)."""
+    num_blocks, m = gramians.shape[0], gramians.shape[1]
+    return (
+        gramians.device.type == "cpu"
+        and dtype == torch.float64
+        and targets.device.type == "cpu"
+        and num_blocks * m * (m - 1) <= SCALAR_STAGE_MAX_VISITS
+    )
+
+
+def step_with_drawn_order(
+    gramians: Tensor,
+    targets: Tensor,
+    generator: torch.Generator,
+    *,
+    beta: float,
+    eps: float,
+    check_inputs: bool,
+    workspace: StepWorkspace | None,
+) -> GradVacStepResult:
+    """``gradvac_step(gramians, targets, draw_order(m, generator), ...)``, drawing the order in the form
+    the stage reads (lists for the scalar stage, where a tensor would cost more than the step)."""
+    if not check_inputs and uses_scalar_stage(gramians, targets):
+        return _step_scalar(gramians, targets, _draw_visits(gramians.shape[1], generator), float(beta), float(eps))
+    order = draw_order(gramians.shape[1], generator)
+    if gramians.device.type != "cpu":  # pinned, so the copy is asynchronous: no host synchronisation
+        order = order.pin_memory().to(gramians.device, non_blocking=True)
+    return gradvac_step(gramians, targets, order, beta=beta, eps=eps, check_inputs=check_inputs, workspace=workspace)
+
+
 def _check_inputs(gramians: Tensor, targets: Tensor, order: Tensor, beta: float, eps: float) -> None:
     """Validates the user-facing arguments of :func:`gradvac_step` (four host syncs: the order, the
     finiteness of gramians and of targets, the symmetry)."""
@@ -254,28 +296,24 @@ def gradvac_step(
     """
     if check_inputs:
         _check_inputs(gramians, targets, order, beta, eps)
-    num_blocks, m = gramians.shape[0], gramians.shape[1]
-    if (
-        gramians.device.type == "cpu"
-        and dtype == torch.float64
-        and targets.device.type == "cpu"
-        and num_blocks * m * (m - 1) <= SCALAR_STAGE_MAX_VISITS
-    ):
-        return _step_scalar(gramians, targets, order, float(beta), float(eps))
+    if uses_scalar_stage(gramians, targets, dtype):
+        return _step_scalar(gramians, targets, order.tolist(), float(beta), float(eps))
     with exact_arithmetic(gramians.device):  # the whole stage keeps ``dtype``, whatever autocast says
         return _step(gramians, targets, order, beta, eps, dtype, workspace)
 
 
-def _step_scalar(gramians: Tensor, targets: Tensor, order: Tensor, beta: float, eps: float) -> GradVacStepResult:
+def _step_scalar(
+    gramians: Tensor, targets: Tensor, visits: list[list[int]], beta: float, eps: float
+) -> GradVacStepResult:
     """:func:`_step` for small problems on the host: the same arithmetic, in Python floats (float64).
 
     Same operations in the same order as the vectorised loop, one visit at a time, so both agree to
     rounding; which one runs depends only on ``K``, ``m``, device and dtype, identical on every rank.
+    ``visits[i][s]``: the task that task ``i`` visits at step ``s`` (``order.tolist()``).
     """
     num_blocks, m = gramians.shape[0], gramians.shape[1]
     grams = gramians.to(torch.float64).tolist()
     old = targets.to(torch.float64).tolist()
-    visits = order.tolist()  # visits[i][s]: the task task i visits at step s
     coef = [[1.0] * m for _ in range(num_blocks)]
     new = [[row[:] for row in block] for block in old]
     cos = [[[1.0 if a == b else 0.0 for b in range(m)] for a in range(m)] for _ in range(num_blocks)]
@@ -311,13 +349,19 @@ def _step_scalar(gramians: Tensor, targets: Tensor, order: Tensor, beta: float, 
                         later[r] += w * row_j[visits[i][r]]
                 new_k[i][j] = keep * t + beta * phi
                 cos_k[i][j] = phi
-    device = gramians.device
-    f64 = torch.float64
+    # One float64 tensor for coefficients, targets and cosines (three views of it), one for the flags:
+    # at these sizes each tensor built costs more than the arithmetic above.
+    flat = [c for block in coef for c in block]
+    for blocks in (new, cos):
+        flat.extend(x for block in blocks for row in block for x in row)
+    values = torch.tensor(flat, dtype=torch.float64, device=gramians.device)
+    km, kmm = num_blocks * m, num_blocks * m * m
+    flags = [x for block in corrected for row in block for x in row]
     return GradVacStepResult(
-        torch.tensor(coef, dtype=f64, device=device).view(num_blocks, m),
-        torch.tensor(new, dtype=f64, device=device).view(num_blocks, m, m),
-        torch.tensor(cos, dtype=f64, device=device).view(num_blocks, m, m),
-        torch.tensor(corrected, dtype=torch.bool, device=device).view(num_blocks, m, m),
+        values[:km].view(num_blocks, m),
+        values[km : km + kmm].view(num_blocks, m, m),
+        values[km + kmm :].view(num_blocks, m, m),
+        torch.tensor(flags, dtype=torch.bool, device=gramians.device).view(num_blocks, m, m),
     )
 
 

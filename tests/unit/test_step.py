@@ -209,6 +209,29 @@ class TestDrawOrder:
         assert torch.equal(order, expected)
         assert torch.equal(g1.get_state(), g2.get_state())
 
+    @pytest.mark.parametrize("m", [1, 2, 3, 5, 9])
+    def test_scalar_stage_draw_is_draw_order(self, m):
+        """The scalar stage draws its orders as lists (Python's stable sort): the same orders as
+        draw_order's stable argsort, and the generator left in the same state, draw after draw."""
+        g1, g2 = torch.Generator().manual_seed(m), torch.Generator().manual_seed(m)
+        for _ in range(50):
+            assert step_module._draw_visits(m, g1) == draw_order(m, g2).tolist()
+            assert torch.equal(g1.get_state(), g2.get_state())
+
+    def test_step_with_drawn_order_is_gradvac_step(self, stage):
+        """What a trajectory runs (order drawn in the stage's form) equals gradvac_step on draw_order."""
+        m, sizes = 4, [3, 5]
+        g1, g2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+        t1 = t2 = torch.zeros(len(sizes), m, m, dtype=torch.float64)
+        for step in range(5):
+            grads = torch.randn(m, sum(sizes), dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+            G = partial_gramians(grads, contiguous_segments(sizes), len(sizes))
+            mine = step_module.step_with_drawn_order(G, t1, g1, beta=0.3, eps=1e-8, check_inputs=False, workspace=None)
+            ref = gradvac_step(G, t2, draw_order(m, g2), beta=0.3, eps=1e-8)
+            for a, b in zip(mine, ref):
+                assert torch.equal(a, b)
+            t1, t2 = mine.targets, ref.targets
+
     def test_orders_vary_between_draws(self):
         g = torch.Generator().manual_seed(0)
         draws = {tuple(draw_order(5, g).flatten().tolist()) for _ in range(10)}
