@@ -280,7 +280,7 @@ def combine(piece: Tensor, coefficients: Tensor, segments: Sequence[Segment], *,
     if out is None:
         out = torch.empty(length, dtype=piece.dtype, device=piece.device)
     coef = coefficients.to(device=piece.device, dtype=piece.dtype)
-    ones = torch.ones(m, dtype=piece.dtype, device=piece.device)
+    ones = torch.ones(m, dtype=piece.dtype, device=piece.device) if any(b < 0 for b, _, _ in segments) else coef
     with exact_arithmetic(piece.device):
         for block, start, stop in segments:
             row = ones if block < 0 else coef[block]

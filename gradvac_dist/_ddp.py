@@ -348,10 +348,21 @@ class _DDPRuntime(Driver):
         for plan in self.plans.values():
             if plan.result is None:
                 continue
+            # Runs of adjacent missing parameters are copied at once (the heads of every task but the
+            # last, as a rule), each parameter's .grad a view of its run's copy with its own strides.
+            runs: list[list[tuple[int, int, int]]] = []
             for index, start, stop in plan.params_in_bucket:
-                if index in missing:
-                    view = self.as_param(plan.result[start:stop], index)
-                    self.params[index].grad = view.clone(memory_format=torch.preserve_format)
+                if index not in missing:
+                    continue
+                if runs and runs[-1][-1][2] == start:
+                    runs[-1].append((index, start, stop))
+                else:
+                    runs.append([(index, start, stop)])
+            for run in runs:
+                base = run[0][1]
+                copy = plan.result[base : run[-1][2]].clone()
+                for index, start, stop in run:
+                    self.params[index].grad = self.as_param(copy[start - base : stop - base], index)
 
     def set_aside_grads(self) -> list[Tensor | None] | None:
         """Takes existing ``.grad`` out of the way of the passes; ``None`` when there is none (after
@@ -391,7 +402,10 @@ class _DDPRuntime(Driver):
     def plan(self, bucket: dist.GradBucket) -> _BucketPlan:
         index = bucket.index()
         plan = self.plans.get(index)
-        if plan is None or plan.param_ids != tuple(id(p) for p in bucket.parameters()):
+        # DDP changes its buckets only in a forward (its one-time rebuild), never between the passes
+        # of a step: the bucket's parameters are compared in the first pass only (a list of them costs
+        # more than the rest of the bookkeeping).
+        if plan is None or (self.task == 0 and plan.param_ids != tuple(id(p) for p in bucket.parameters())):
             m = self.state.num_tasks
             plan = _BucketPlan(
                 bucket, self.index_of, m, self.rank, self.world, self.strategy == "sharded", self.all_to_all
