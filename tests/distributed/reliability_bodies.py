@@ -83,11 +83,11 @@ def scaler_body(rank, world, scale, eps):
     return results
 
 
-def desync_body(rank, world, check_sync_every=None):
+def desync_body(rank, world, check_sync_every=None, strategy=None):
     """Ranks whose targets drifted apart are caught at the next step, naming what differs."""
     model = make_model()
     ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=0.002)
-    state = GradVacState(num_tasks=M, check_sync_every=check_sync_every)
+    state = GradVacState(num_tasks=M, check_sync_every=check_sync_every, strategy=strategy)
     ddp.register_comm_hook(state, gradvac_hook)
     errors = []
     for step in range(4):
@@ -104,11 +104,11 @@ def desync_body(rank, world, check_sync_every=None):
     return errors
 
 
-def dying_rank_body(rank, world, victim, started_path):
+def dying_rank_body(rank, world, victim, started_path, strategy=None):
     """`victim` dies in the middle of step 1's backward; the others must fail, not hang."""
     model = make_model()
     ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=0.002)
-    state = GradVacState(num_tasks=M)
+    state = GradVacState(num_tasks=M, strategy=strategy)
     ddp.register_comm_hook(state, gradvac_hook)
     t0 = time.monotonic()
     try:

@@ -45,23 +45,24 @@ def test_grad_scaler_matches_unscaled(eps, rtol):
         assert torch.allclose(scaled_targets, plain_targets, rtol=0, atol=rtol)
 
 
-@pytest.mark.parametrize("check_sync_every", [None, 2])
-def test_desync_is_caught_at_the_next_step_naming_what_differs(check_sync_every):
-    results = run_distributed(bodies.desync_body, 2, check_sync_every, timeout=120)
+@pytest.mark.parametrize(("check_sync_every", "strategy"), [(None, "sharded"), (2, "sharded"), (None, "replicated")])
+def test_desync_is_caught_at_the_next_step_naming_what_differs(check_sync_every, strategy):
+    results = run_distributed(bodies.desync_body, 2, check_sync_every, strategy, timeout=120)
     for errors in results:
         assert len(errors) == 1
         step, message = errors[0]
         # the per-step fingerprint in the Gramian all-reduce sees the corruption made before step 2 at step 2,
-        # with or without the periodic full guard (which would only run after step 3)
+        # with either strategy, with or without the periodic full guard (which would only run after step 3)
         assert step == 2
         assert "out of sync" in message and "EMA targets" in message
 
 
-def test_a_dying_rank_makes_the_others_fail_not_hang():
+@pytest.mark.parametrize("strategy", ["sharded", "replicated"])
+def test_a_dying_rank_makes_the_others_fail_not_hang(strategy):
     with tempfile.TemporaryDirectory() as tmp:
         marker = os.path.join(tmp, "victim_started")
         results = run_distributed(
-            bodies.dying_rank_body, 3, 2, marker, timeout=90, grace=60, expect_dead=frozenset({2})
+            bodies.dying_rank_body, 3, 2, marker, strategy, timeout=90, grace=60, expect_dead=frozenset({2})
         )
         assert os.path.exists(marker), "the victim must have reached the point where it dies"
     assert results[2] is None
