@@ -106,7 +106,8 @@ class Trajectory:
     def advance(
         self, gramians: Tensor, block_sizes: tuple[int, ...], config: GradVacConfig, *, check_inputs: bool = True
     ) -> GradVacStepResult:
-        """One step: draws the order (:func:`~gradvac_dist.draw_order`), runs :func:`~gradvac_dist.gradvac_step`, keeps the new targets."""
+        """One step: draws the order (:func:`~gradvac_dist.draw_order`), runs
+        :func:`~gradvac_dist.gradvac_step`, keeps the new targets."""
         num_blocks, m = gramians.shape[0], gramians.shape[1]
         self.check_shape(m, block_sizes)
         if self.targets is None:
