@@ -160,8 +160,7 @@ def start_reduce_scatter(
 def _sum_chunks(chunks: Tensor, out: Tensor) -> Tensor:
     """``out = chunks[0] + chunks[1] + ...`` in rank order, one element-wise add per chunk: a third of
     the time of ``torch.sum(chunks, dim=0)``, a strided reduction (1.2M floats, W=2: 0.20 vs 0.60 ms)."""
-    if chunks.shape[0] == 1:
-        return out.copy_(chunks[0])
+    assert chunks.shape[0] >= 2, "a reduce-scatter runs on two ranks or more (one rank copies)"
     torch.add(chunks[0], chunks[1], out=out)
     for chunk in chunks[2:]:
         out.add_(chunk)
