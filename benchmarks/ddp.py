@@ -367,9 +367,9 @@ def _rank_main(rank: int, cfg: Config) -> RankResult:
         out.calls[k] = {name: c / cfg.traffic_steps for name, c in calls.items()}
         if rank == 0 and before is not None and after is not None:
             out.lo_tx[k] = (after - before) / world / cfg.traffic_steps
-        if v.state is not None:  # one per-task reduction per bucket and task
-            tasks = calls.get("task_reduce_scatter", 0) + calls.get("task_all_reduce", 0)
-            out.num_buckets = round(tasks / cfg.traffic_steps / cfg.m)
+        driver = getattr(v.state, "_driver", None)
+        if driver is not None:  # the hook's own count (at W=1 no reduction is issued to count them by)
+            out.num_buckets = driver.num_buckets or 0
 
     if cfg.profile:  # the library's own phase clocks (GradVacState.counters with timing on)
         for k in HOOKED:

@@ -365,6 +365,21 @@ def _step_scalar(
     )
 
 
+def _blocks_last(x: Tensor, out: Tensor) -> Tensor:
+    """Copies ``x`` (``[K, m, m]``) into ``out`` (``[m, m, K]``, contiguous) and returns ``out``.
+
+    A packed ``x`` is copied as the transpose of a ``[K, m m]`` matrix: torch copies that 2-D
+    transpose about three times as fast as the 3-D permutation (m=64, K=500: 5 vs 15 ms). A view of
+    blocks-last storage (the targets a step returned) is a plain copy either way.
+    """
+    num_blocks = x.shape[0]
+    permuted = x.permute(1, 2, 0)
+    if permuted.is_contiguous() or not x.is_contiguous():
+        return out.copy_(permuted)
+    out.view(-1, num_blocks).copy_(x.view(num_blocks, -1).T)
+    return out
+
+
 def _step(
     gramians: Tensor,
     targets: Tensor,
@@ -400,11 +415,11 @@ def _step(
     # Exact symmetry: rounding can break it slightly. One strided copy, then a sum of contiguous
     # rows (adding two permuted views strides through both: 4.8 vs 4.1 ms at m=64, K=500 with 2 threads,
     # 10.1 vs 7.2 ms with 1).
-    raw = work("raw", (m, m, num_blocks)).copy_(gramians.permute(1, 2, 0))
+    raw = _blocks_last(gramians, work("raw", (m, m, num_blocks)))
     gram = torch.add(raw, raw.transpose(0, 1), out=work("gram", (m, m, num_blocks))).mul_(0.5).view(m * m, num_blocks)
     # a copy of its own, updated in place below into the new targets (returned: fresh)
     old_targets = torch.empty((m * m, num_blocks), dtype=dtype, device=device)
-    old_targets.view(m, m, num_blocks).copy_(targets.permute(1, 2, 0))
+    _blocks_last(targets, old_targets.view(m, m, num_blocks))
 
     # Visit s of task i is the pair (i, order[i, s]). Everything is laid out visit-first,
     # [m-1, m, K], so each visit reads contiguous slices. pair_index[s, i] is the pair's row.
