@@ -3,6 +3,7 @@
     python -m benchmarks ddp               # full run (about half a minute on 2 idle cores)
     python -m benchmarks ddp --quick       # smoke run, < 30 s
     python -m benchmarks ddp --markdown bench_ddp.md --profile
+    python -m benchmarks ddp --goals       # issue 12's five cases side by side (a few minutes)
 
 Side by side in one run (one process group; the variants interleaved round by round so that a
 shared machine's load drifts over all of them alike), m=3 tasks, an MLP of about 2.4M parameters
@@ -59,6 +60,7 @@ def goal(world: int) -> float:
     """The time goal for GradVac-DDP / (a) at this world size."""
     return GOAL_ONE_RANK if world == 1 else GOAL
 
+
 M = 3
 VARIANTS = ("a", "b", "c", "d", "e", "f")
 # the phases GradVacState.counters times (see gradvac_dist.CommCounters); "step" is inside "hook"
@@ -77,6 +79,10 @@ HOOKED = ("d", "e", "f")
 
 #: --size: (in_dim, hidden, head_hidden) of the benchmark's MLP; parameters at m=3
 SIZES = {"2.4M": (512, 1024, 192), "0.1M": (128, 192, 48)}
+#: --goals: the cases of the speed goal, (size, batch per rank, world size), and the timed steps of
+#: each size by default (the small model's steps are short and noisier: more of them)
+GOAL_CASES = (("2.4M", 32, 2), ("2.4M", 64, 2), ("0.1M", 32, 2), ("2.4M", 32, 1), ("0.1M", 32, 1))
+GOAL_STEPS = {"2.4M": 30, "0.1M": 150}
 
 
 @dataclass
@@ -604,6 +610,85 @@ def _report(cfg: Config, results: list[dict[str, Any]], elapsed: float) -> tuple
     return Report(machine_line(), [table]), ok
 
 
+def goal_configs(steps: int | None = None, quick: bool = False, variants: str = "ae") -> list[Config]:
+    """The configurations of :data:`GOAL_CASES`, profiled, in that order."""
+    cfgs = []
+    for size, batch, world in GOAL_CASES:
+        in_dim, hidden, head_hidden = SIZES[size]
+        cfg = Config(
+            world=world,
+            batch=batch,
+            in_dim=in_dim,
+            hidden=hidden,
+            head_hidden=head_hidden,
+            steps=GOAL_STEPS[size] if steps is None else steps,
+            profile=True,
+            variants=tuple(k for k in VARIANTS if k in variants),
+        )
+        if quick:
+            cfg.check_steps, cfg.warmup, cfg.steps, cfg.traffic_steps = 1, 1, 4, 1
+        cfgs.append(cfg)
+    return cfgs
+
+
+def _goals_report(cfgs: list[Config], results: list[list[dict[str, Any]]], elapsed: float) -> tuple[Report, bool]:
+    """One row per goal case: (a) and GradVac-DDP sharded (e) side by side, the verdict, and where
+    GradVac's step after the last pass spends its time (rank 0's phase clocks)."""
+    table = Table(
+        "Speed goal (issue 12): GradVac-DDP sharded (e) against the m-pass DDP step (a), m=3, 1 thread per rank, "
+        "gloo on 127.0.0.1",
+        [
+            "case",
+            "steps",
+            "(a) ms",
+            "(e) ms",
+            "vs (a)",
+            "paired",
+            "goal",
+            "verdict",
+            "per-pass work ms",
+            "after the last pass ms: Gramians / all-reduce / coefficients / combine",
+        ],
+    )
+    ok = True
+    for cfg, ranks in zip(cfgs, results):
+        summary = summarize(cfg, ranks)
+        med, paired = summary.median_ms, summary.paired
+        a, e = med["a"], med["e"]
+        passed = e <= goal(cfg.world) * a
+        ok = ok and passed
+        prof = ranks[0]["profile"]["e"]
+        phases = " / ".join(
+            "-" if cfg.world == 1 and name == "gramian_all_reduce" else f"{prof[name]:.2f}"
+            for name in ("gramians", "gramian_all_reduce", "coefficients", "combine")
+        )
+        table.add_row(
+            [
+                f"n={summary.n / 1e6:.2f}M, batch {cfg.batch}, W={cfg.world}",
+                str(cfg.steps),
+                f"{a:.1f}",
+                f"{e:.1f}",
+                f"{e / a:.2f}x",
+                f"{paired['e']:.2f}x",
+                f"<= {goal(cfg.world)}x",
+                pass_fail(passed),
+                f"{prof['hook'] - prof['step']:.2f}",
+                phases,
+            ]
+        )
+    table.notes += [
+        "(a), (e): median over the timed steps of the slowest rank's step (forward, m backward passes, SGD step); "
+        "vs (a): ratio of the medians; paired: median over rounds of the ratio to (a)'s step of the same round; "
+        "verdict on the ratio of the medians",
+        "per-pass work: rank 0 inside the hook before the last bucket of the last pass; the Gramians column includes "
+        "waiting for the last task's reduction; combine includes the all-gather at W=2; one rank communicates nothing",
+        f"wall time {elapsed:.1f} s",
+    ]
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1):
+        table.notes.append("the machine was busy (load average > cores): ratios are noisy, rerun on an idle machine")
+    return Report(machine_line(), [table]), ok
+
+
 def _parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks ddp", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run (< 30 s): 5 timed steps, too few for a report")
@@ -621,6 +706,12 @@ def _parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     ap.add_argument("--markdown", metavar="PATH", help="also write the report as markdown to PATH")
     ap.add_argument("--strict", action="store_true", help="exit with status 1 when the goal is missed")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds before the run is abandoned")
+    ap.add_argument(
+        "--goals",
+        action="store_true",
+        help="run the speed goal's five cases (n=2.4M at batch 32 and 64, n=0.1M; W=2 and 1) with (a) and (e), "
+        f"profiled, one table (--size, --batch, --world are then fixed; --steps default {GOAL_STEPS})",
+    )
     args = ap.parse_args(argv)
     in_dim, hidden, head_hidden = SIZES[args.size]
     cfg = Config(
@@ -650,6 +741,17 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark, prints the report; returns 0 (1 with ``--strict`` when the goal is missed)."""
     cfg, args = _parse(argv)
     start = time.perf_counter()
+    if args.goals:
+        cfgs = goal_configs(args.steps, args.quick)
+        for c in cfgs:
+            c.timeout = cfg.timeout
+        results, _ = _launch_many(cfgs)
+        report, ok = _goals_report(cfgs, results, time.perf_counter() - start)
+        print(report.to_text(), flush=True)
+        if args.markdown:
+            with open(args.markdown, "w") as fh:
+                fh.write(report.to_markdown())
+        return 0 if ok or not args.strict else 1
     results = _launch_many([cfg])[0][0]
     report, ok = _report(cfg, results, time.perf_counter() - start)
     print(report.to_text(), flush=True)

@@ -58,3 +58,27 @@ def test_ring_bytes_and_formulas_agree():
     sharded = {"task_reduce_scatter": 3 * 4 * n, "result_all_gather": 4 * n, "gramian_all_reduce": (9 + 3 + 4) * 8}
     assert ring_bytes(sharded, w) == formula_bytes("e", n, w)
     assert ring_bytes({"naive_all_gather": w * 3 * 4 * n}, w) == formula_bytes("c", n, w)
+
+
+def test_goal_cases_print_one_row_each_with_a_verdict(tmp_path, capsys):
+    markdown = tmp_path / "goals.md"
+    assert main(["--goals", "--quick", "--markdown", str(markdown)]) == 0  # no --strict: a missed goal is printed
+    out = capsys.readouterr().out
+    rows = [line for line in markdown.read_text().splitlines() if line.startswith("| n=")]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        f"n={n}, batch {b}, W={w}"
+        for n, b, w in [("2.40M", 32, 2), ("2.40M", 64, 2), ("0.11M", 32, 2), ("2.40M", 32, 1), ("0.11M", 32, 1)]
+    ]
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        # the cells are rounded (ms to 0.1, ratios to 0.01): compare within what rounding allows
+        a, e, ratio = float(cells[2]), float(cells[3]), float(cells[4].rstrip("x"))
+        assert a > 0.05 and e > 0
+        assert (e - 0.05) / (a + 0.05) - 0.005 <= ratio <= (e + 0.05) / (a - 0.05) + 0.005, row
+        target = 1.15 if cells[0].endswith("W=1") else 1.05
+        assert cells[6] == f"<= {target}x"
+        if abs(ratio - target) > 0.005:  # at the boundary either verdict is consistent with the rounded ratio
+            assert cells[7] == ("PASS" if ratio < target else "FAIL"), row
+        phases = cells[9].split(" / ")
+        assert len(phases) == 4 and (phases[1] == "-") == cells[0].endswith("W=1")
+    assert "Speed goal (issue 12)" in out
