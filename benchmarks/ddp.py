@@ -610,7 +610,9 @@ def _report(cfg: Config, results: list[dict[str, Any]], elapsed: float) -> tuple
     return Report(machine_line(), [table]), ok
 
 
-def goal_configs(steps: int | None = None, quick: bool = False, bucket_cap_mb: float = 25.0) -> list[Config]:
+def goal_configs(
+    steps: int | None = None, quick: bool = False, bucket_cap_mb: float = 25.0, timeout: float = 600.0
+) -> list[Config]:
     """The configurations of :data:`GOAL_CASES` with variants (a) and (e), profiled, in that order."""
     cfgs = []
     for size, batch, world in GOAL_CASES:
@@ -624,6 +626,7 @@ def goal_configs(steps: int | None = None, quick: bool = False, bucket_cap_mb: f
             steps=GOAL_STEPS[size] if steps is None else steps,
             bucket_cap_mb=bucket_cap_mb,
             profile=True,
+            timeout=timeout,
             variants=("a", "e"),
         )
         if quick:
@@ -743,18 +746,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = _parse(argv)
     start = time.perf_counter()
     if args.goals:
-        cfgs = goal_configs(args.steps, args.quick, cfg.bucket_cap_mb)
-        for c in cfgs:
-            c.timeout = cfg.timeout
-        results, _ = _launch_many(cfgs)
-        report, ok = _goals_report(cfgs, results, time.perf_counter() - start)
-        print(report.to_text(), flush=True)
-        if args.markdown:
-            with open(args.markdown, "w") as fh:
-                fh.write(report.to_markdown())
-        return 0 if ok or not args.strict else 1
-    results = _launch_many([cfg])[0][0]
-    report, ok = _report(cfg, results, time.perf_counter() - start)
+        cfgs = goal_configs(args.steps, args.quick, cfg.bucket_cap_mb, cfg.timeout)
+        report, ok = _goals_report(cfgs, _launch_many(cfgs)[0], time.perf_counter() - start)
+    else:
+        report, ok = _report(cfg, _launch_many([cfg])[0][0], time.perf_counter() - start)
     print(report.to_text(), flush=True)
     if args.markdown:
         with open(args.markdown, "w") as fh:
