@@ -16,8 +16,8 @@ number behind it) and PNG plots next to them:
 Runs reuse the benchmarks' own functions (:func:`benchmarks.core.run`,
 :func:`benchmarks.ddp.run`, :func:`benchmarks.fsdp.run`): one group of spawned
 gloo ranks per world size runs all of that size's configurations one after the other. The full
-run takes about five minutes on 2 cores (301 s on 2026-12-04); ``--quick`` (small sizes, few steps) under a minute, for
-smoke tests: its numbers say nothing.
+run takes about five minutes on 2 cores (301 s on 2026-12-04); ``--quick`` (small sizes, few
+steps) under a minute, for smoke tests: its numbers say nothing.
 """
 
 from __future__ import annotations

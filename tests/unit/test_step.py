@@ -391,3 +391,18 @@ class TestDegenerate:
         n = sum(sizes)
         low = randn_(m, rank, generator=g) @ randn_(rank, n, generator=g)
         _check_safe(low * 10.0**log_scale, sizes, steps=3, beta=beta)
+
+
+@pytest.mark.parametrize("layout", ["packed", "blocks_last_view", "transposed_view"])
+def test_blocks_last_copy_is_the_permutation_whatever_the_input_layout(layout):
+    num_blocks, m = 5, 4
+    packed = randn_(num_blocks, m, m)
+    x = {
+        "packed": packed,
+        "blocks_last_view": packed.permute(1, 2, 0).contiguous().permute(2, 0, 1),  # what a step returns
+        "transposed_view": packed.transpose(1, 2).contiguous().transpose(1, 2),  # neither of the above
+    }[layout]
+    assert torch.equal(x, packed)
+    out = torch.full((m, m, num_blocks), float("nan"), dtype=packed.dtype)
+    assert step_module._blocks_last(x, out) is out
+    assert torch.equal(out, packed.permute(1, 2, 0))
