@@ -25,11 +25,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from gradvac_dist import GradVac, StepWorkspace, draw_order, gradvac_step
+from gradvac_dist import GradVac, draw_order, gradvac_step
 
 # The aggregator's two other stages, timed alone: the library has no public name for them (GradVac
 # runs them inside its call), so they are read from the private module, called, and never patched.
 from gradvac_dist._blocks import combine, contiguous_segments, partial_gramians
+from gradvac_dist._step import StepWorkspace
 
 from ._timing import Report, Table, Timing, fmt_ms, fmt_ratio, machine_line, pass_fail, time_interleaved, time_ms
 

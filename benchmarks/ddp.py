@@ -63,7 +63,7 @@ def goal(world: int) -> float:
 
 M = 3
 VARIANTS = ("a", "b", "c", "d", "e", "f")
-# the phases GradVacState.counters times (see gradvac_dist.CommCounters); "step" is inside "hook"
+# the phases GradVacState.counters times (see gradvac_dist._comm.CommCounters); "step" is inside "hook"
 PHASES = ("hook", "step", "gramians", "gramian_all_reduce", "coefficients", "combine")
 LABELS = {
     "a": "(a) m-pass DDP, no GradVac",

@@ -1,5 +1,5 @@
 """The single-process aggregators on a Jacobian (rows are task gradients): GradVac, and any Gramian
-weighting (:class:`WeightedAggregator`). Both stream the Jacobian once into per-block Gramians,
+weighting (:class:`GramianWeightedAggregator`). Both stream the Jacobian once into per-block Gramians,
 decide per-block coefficients from them, and combine the Jacobian's rows with those."""
 
 from __future__ import annotations
@@ -11,25 +11,26 @@ import torch
 from torch import Tensor
 
 from ._blocks import Segment, combine, contiguous_segments, partial_gramians
-from ._errors import NonFiniteGradientError, nonfinite_message
-from ._state import GradVacConfig, Trajectory
+from ._errors import NonFiniteGradientError, first_nonfinite, nonfinite_flags, nonfinite_message
+from ._settings import GradVacSettings
+from ._state import Trajectory
 from ._step import GradVacStepResult
-from ._weighting import Weighting, check_weighting
+from ._weighting import Weighting
 
-__all__ = ["GradVac", "GramianAggregator", "WeightedAggregator"]
+__all__ = ["GradVac", "GramianAggregator", "GramianWeightedAggregator"]
 
 
 class GramianAggregator:
-    """What :class:`GradVac` and :class:`WeightedAggregator` share: the Jacobian to per-block Gramians,
+    """What :class:`GradVac` and :class:`GramianWeightedAggregator` share: the Jacobian to per-block Gramians,
     the finiteness decision, the combine, micro-batch accumulation and the trajectory's checkpoint.
     Subclasses decide the coefficients (:meth:`_coefficients`)."""
 
-    config: GradVacConfig
+    settings: GradVacSettings
     _trajectory: Trajectory
 
-    def __init__(self, config: GradVacConfig) -> None:
-        self.config = config
-        self._trajectory = Trajectory(config.seed)
+    def __init__(self, settings: GradVacSettings) -> None:
+        self.settings = settings
+        self._trajectory = Trajectory(settings.seed)
         self.last_result: GradVacStepResult | None = None
         self.skipped_steps = 0
         # micro-batch accumulation of backward(..., sync=False): (parameter ids, [m, n] sum so far)
@@ -82,11 +83,12 @@ class GramianAggregator:
         for total in outside:
             finite = finite & torch.isfinite(total).all()
         if not bool(finite):  # the one host sync of a step
-            if self.config.on_nonfinite == "skip":
+            if self.settings.on_nonfinite == "skip":
                 self.skipped_steps += 1
                 self.last_result = None
                 return jacobian.sum(0)
-            task, block = _first_nonfinite(gramians)
+            columns = [segment for segment in segments if segment[0] >= 0]
+            task, block = first_nonfinite(nonfinite_flags([(jacobian, columns)], m, num_blocks, jacobian.device))
             where = f"block {block}" if block is not None and num_blocks > 1 else None
             raise NonFiniteGradientError(nonfinite_message(task, where), task, None)
         return combine(jacobian, self._coefficients(gramians, block_sizes), segments)
@@ -146,16 +148,17 @@ class GradVac(GramianAggregator):
     """
 
     def __init__(self, beta: float = 0.5, eps: float = 1e-8, seed: int = 0, on_nonfinite: str = "raise") -> None:
-        super().__init__(GradVacConfig(beta=beta, eps=eps, seed=seed, on_nonfinite=on_nonfinite))
+        super().__init__(GradVacSettings(beta=beta, eps=eps, seed=seed, on_nonfinite=on_nonfinite))
 
     def _coefficients(self, gramians: Tensor, block_sizes: tuple[int, ...]) -> Tensor:
         # Inputs built here (Gramians of a Jacobian, orders from draw_order); finiteness checked.
-        result = self._trajectory.advance(gramians, block_sizes, self.config, check_inputs=False)
+        s = self.settings
+        result = self._trajectory.advance(gramians, block_sizes, s.beta, s.eps, check_inputs=False)
         self.last_result = result
         return result.coefficients
 
     def __repr__(self) -> str:
-        c = self.config
+        c = self.settings
         return f"GradVac(beta={c.beta}, eps={c.eps}, seed={c.seed}, on_nonfinite={c.on_nonfinite!r})"
 
     @property
@@ -163,7 +166,8 @@ class GradVac(GramianAggregator):
         """The EMA targets ``[K, m, m]`` (float64), or ``None`` before the first step."""
         return self._trajectory.targets
 
-class WeightedAggregator(GramianAggregator):
+
+class GramianWeightedAggregator(GramianAggregator):
     r"""Any Gramian weighting as a single-process aggregator: block ``k`` of the update is
     :math:`\sum_l w_{k,l} g_{l,k}` with :math:`w_k = \mathrm{weighting}(G_k)`.
 
@@ -183,22 +187,20 @@ class WeightedAggregator(GramianAggregator):
     """
 
     def __init__(self, weighting: Weighting, seed: int = 0, on_nonfinite: str = "raise") -> None:
-        super().__init__(GradVacConfig(seed=seed, on_nonfinite=on_nonfinite))
-        self.weighting = check_weighting(weighting)
+        super().__init__(GradVacSettings(seed=seed, on_nonfinite=on_nonfinite, weighting=weighting))
+
+    @property
+    def weighting(self) -> Weighting:
+        """The Gramian weighting (a TorchJD Gramian-weighted aggregator is replaced by its weighting)."""
+        weighting = self.settings.weighting
+        assert weighting is not None, "set by the constructor"
+        return weighting
 
     def __repr__(self) -> str:
-        return f"WeightedAggregator({self.weighting!r}, seed={self.config.seed})"
+        return f"GramianWeightedAggregator({self.weighting!r}, seed={self.settings.seed})"
 
     def _coefficients(self, gramians: Tensor, block_sizes: tuple[int, ...]) -> Tensor:
         return self._trajectory.weigh(gramians, block_sizes, self.weighting).to(gramians.device)
-
-
-def _first_nonfinite(gramians: Tensor) -> tuple[int | None, int | None]:
-    """(task, block) of the first non-finite diagonal entry of the Gramians, if any."""
-    bad = (~torch.isfinite(torch.diagonal(gramians, dim1=1, dim2=2))).nonzero()
-    if bad.numel() == 0:
-        return None, None
-    return int(bad[0, 1]), int(bad[0, 0])
 
 
 def _check_block_sizes(block_sizes: Sequence[int] | None, n: int) -> tuple[int, ...]:

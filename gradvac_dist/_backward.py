@@ -51,7 +51,7 @@ def backward(
         model: the module whose parameters receive the gradient.
         losses: one scalar loss per task (a sequence, or a 1-D tensor).
         aggregator: a :class:`GradVac` (plain modules only; it keeps the EMA targets), or a
-            :class:`WeightedAggregator` for another Gramian weighting.
+            :class:`GramianWeightedAggregator` for another Gramian weighting.
         grouping: ``"whole"``, ``"parameter"`` or ``"module"`` (plain modules only).
         shared_params: the parameters GradVac acts on (e.g. a shared encoder); every other
             parameter receives the plain sum of its task gradients, LibMTL's convention for heads.

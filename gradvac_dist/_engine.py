@@ -42,7 +42,7 @@ from ._agreement import (
 )
 from ._blocks import GROUPINGS, BlockLayout, Segment, gramian_row, partial_gramians
 from ._comm import STRATEGIES, CommCounters, all_reduce_sum, differing_entries, world_of
-from ._errors import ON_NONFINITE, NonFiniteGradientError, nonfinite_message
+from ._errors import ON_NONFINITE, NonFiniteGradientError, first_nonfinite, nonfinite_flags, nonfinite_message
 from ._state import GradVacState
 from ._weighting import weighting_name
 
@@ -119,21 +119,21 @@ def settings(
     num_losses: int,
 ) -> list[Setting]:
     """What every rank must hold identically, in a fixed order of fixed kinds (values may be placeholders)."""
-    config = state.config if state is not None else None
+    s = state.settings if state is not None else None
     traj = state.trajectory if state is not None else None
     acted = () if layout is None else tuple(n for n, b in zip(param_names, layout.param_blocks) if b >= 0)
     targets = None if traj is None or traj.targets is None else traj.targets.detach().cpu()
     return [
-        Setting("num_tasks", Kind.INT, state.num_tasks if state else 0),
+        Setting("num_tasks", Kind.INT, s.num_tasks if s else 0),
         Setting("number of losses passed to backward", Kind.INT, num_losses),
-        Setting("grouping", Kind.CHOICE, state.grouping if state else None, GROUPINGS),
+        Setting("grouping", Kind.CHOICE, s.grouping if s else None, GROUPINGS),
         Setting("strategy", Kind.CHOICE, strategy, _STRATEGY_NAMES),
-        Setting("beta", Kind.FLOAT, config.beta if config else 0.0),
-        Setting("eps", Kind.FLOAT, config.eps if config else 0.0),
-        Setting("seed", Kind.INT, config.seed if config else 0),
-        Setting("on_nonfinite", Kind.CHOICE, config.on_nonfinite if config else None, ON_NONFINITE),
-        Setting("check_sync_every", Kind.INT, (state.check_sync_every or 0) if state else 0),
-        Setting("coefficient stage (weighting)", Kind.DIGEST, weighting_name(state.weighting) if state else ""),
+        Setting("beta", Kind.FLOAT, s.beta if s else 0.0),
+        Setting("eps", Kind.FLOAT, s.eps if s else 0.0),
+        Setting("seed", Kind.INT, s.seed if s else 0),
+        Setting("on_nonfinite", Kind.CHOICE, s.on_nonfinite if s else None, ON_NONFINITE),
+        Setting("check_sync_every", Kind.INT, (s.check_sync_every or 0) if s else 0),
+        Setting("coefficient stage (weighting)", Kind.DIGEST, weighting_name(s.weighting) if s else ""),
         Setting("trainable parameters", Kind.INT, len(param_names)),
         Setting("trainable elements", Kind.INT, sum(layout.numels) if layout else 0),
         Setting("parameters GradVac acts on (shared_params)", Kind.DIGEST, acted),
@@ -276,7 +276,7 @@ class Engine:
                     state.last_result = None
                     coefficients = traj.weigh(stage_gram, self.block_sizes, weighting)
                 else:
-                    result = traj.advance(stage_gram, self.block_sizes, state.config, check_inputs=False)
+                    result = traj.advance(stage_gram, self.block_sizes, state.beta, state.eps, check_inputs=False)
                     state.last_result = result
                     coefficients = result.coefficients
                 if coefficients.device != device:  # host stage, accelerator pieces: an asynchronous copy
@@ -302,14 +302,11 @@ class Engine:
 
     def _diagnose(self, pieces: Sequence[Piece]) -> NonFiniteGradientError:
         """Names a task and parameter whose gradient is not finite (error path: one extra all-reduce)."""
-        m = self.state.num_tasks
-        flags = torch.zeros((m, len(self.param_names)), dtype=torch.float64, device=pieces[0].data.device)
-        for piece in pieces:
-            for index, start, stop in piece.params:
-                flags[:, index] += (~torch.isfinite(piece.data[:, start:stop])).any(dim=1).double()
+        m, device = self.state.num_tasks, pieces[0].data.device
+        flags = nonfinite_flags(((p.data, p.params) for p in pieces), m, len(self.param_names), device)
         all_reduce_sum(flags, self.group, self.state.counters, "nonfinite_diagnosis")
-        bad = flags.nonzero()
-        task, where = (int(bad[0, 0]), self.param_names[int(bad[0, 1])]) if bad.numel() else (None, None)
+        task, index = first_nonfinite(flags)
+        where = None if index is None else self.param_names[index]
         return NonFiniteGradientError(nonfinite_message(task, where, " on at least one rank"), task, where)
 
     def finish(self, outcome: StepOutcome) -> None:
@@ -318,7 +315,7 @@ class Engine:
         self.steps_driven += 1
         if outcome.desync is not None:
             raise outcome.desync
-        if outcome.nonfinite is not None and state.config.on_nonfinite == "raise":
+        if outcome.nonfinite is not None and state.on_nonfinite == "raise":
             raise outcome.nonfinite
         if state.check_sync_every and self.steps_driven % state.check_sync_every == 0:
             check_in_sync(state, self.group, self.num_blocks)

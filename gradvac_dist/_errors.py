@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteGradientError", "nonfinite_message"]
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["NonFiniteGradientError", "first_nonfinite", "nonfinite_flags", "nonfinite_message"]
 
 ON_NONFINITE = ("raise", "skip")
 
@@ -30,3 +35,29 @@ def nonfinite_message(task: int | None, where: str | None, ranks: str = "") -> s
         "precision construct the state with on_nonfinite='skip' and step through a GradScaler, which then "
         "skips this optimizer step."
     )
+
+
+def nonfinite_flags(
+    parts: Iterable[tuple[Tensor, Sequence[tuple[int, int, int]]]], m: int, count: int, device: torch.device
+) -> Tensor:
+    """Where the task gradients are not finite: ``[m, count]`` float64, entry ``(task, i)`` nonzero
+    when task ``task``'s columns of group ``i`` (a parameter or a block) hold inf or NaN.
+
+    ``parts`` are ``(data [m, L], columns)`` with ``columns`` the ``(group, start, stop)`` ranges of
+    ``data``. The flags are counts, so flags of several ranks can be summed (one all-reduce).
+    Error path only: it is never called on a finite step.
+    """
+    flags = torch.zeros((m, count), dtype=torch.float64, device=device)
+    for data, columns in parts:
+        for index, start, stop in columns:
+            flags[:, index] += (~torch.isfinite(data[:, start:stop])).any(dim=1).double()
+    return flags
+
+
+def first_nonfinite(flags: Tensor) -> tuple[int | None, int | None]:
+    """``(task, group)`` of the first nonzero entry of :func:`nonfinite_flags`' output, in task order;
+    ``(None, None)`` when none is set (the Gramians overflowed although every entry is finite)."""
+    bad = flags.nonzero()
+    if bad.numel() == 0:
+        return None, None
+    return int(bad[0, 0]), int(bad[0, 1])

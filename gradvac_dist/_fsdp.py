@@ -65,7 +65,7 @@ def register_fsdp(model: nn.Module, state: GradVacState, *, reshard_between_pass
             trainable parameter must be an FSDP-sharded DTensor on a 1-D device mesh.
         state: a :class:`GradVacState` (``num_tasks``, ``beta``, ``eps``, ``seed``, ``grouping``,
             ``shared_params``, ``on_nonfinite``, ``check_sync_every``); one state per model. Its
-            ``process_group``, if ``None``, becomes the FSDP mesh's group. ``strategy`` is a DDP
+            ``process_group`` must be ``None`` (the FSDP mesh's group is used) or that group. ``strategy`` is a DDP
             setting: FSDP always reduce-scatters, so only ``None`` or ``"sharded"`` are accepted.
         reshard_between_passes: ``False`` (default): the parameters stay unsharded from the first
             backward pass of a step to the last, so a step all-gathers exactly what one plain
@@ -235,9 +235,8 @@ class FSDPGradVac(Driver):
         ]
         # FSDP's collectives run on this device type (the shards may live on the CPU with offloading)
         self._on_accelerator = params[0].device_mesh.device_type != "cpu"
-        if state.process_group is None:
-            state.process_group = mesh_group
-        elif _ranks(state.process_group) != _ranks(mesh_group):
+        # The Gramians are summed over the mesh's group; a process_group given to the state must be it.
+        if state.process_group is not None and _ranks(state.process_group) != _ranks(mesh_group):
             raise ValueError(
                 f"GradVacState.process_group has ranks {_ranks(state.process_group)} but the model is sharded over "
                 f"ranks {_ranks(mesh_group)}; the Gramians must be summed over the FSDP shard group. Leave "

@@ -8,6 +8,7 @@ aggregator on the layout's segments (no column is gathered or copied, whatever t
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -19,7 +20,7 @@ from ._aggregator import GramianAggregator
 from ._blocks import layout_of
 from ._checks import graph_nodes
 from ._engine import drivers
-from ._errors import NonFiniteGradientError, nonfinite_message
+from ._errors import NonFiniteGradientError, first_nonfinite, nonfinite_flags, nonfinite_message
 
 __all__ = ["local_backward", "task_jacobian"]
 
@@ -63,7 +64,7 @@ def local_backward(
     if not isinstance(aggregator, GramianAggregator):
         raise ValueError(
             "backward(model, losses, aggregator): a plain module needs aggregator=gradvac_dist.GradVac(...) (or "
-            f"gradvac_dist.WeightedAggregator(weighting)), got {aggregator!r}."
+            f"gradvac_dist.GramianWeightedAggregator(weighting)), got {aggregator!r}."
         )
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         _refuse_wrapped(model, losses, first_step=aggregator.step == 0)
@@ -79,7 +80,10 @@ def local_backward(
         aggregated = aggregator._aggregate(jac, layout.segments(), layout.block_sizes)
     except NonFiniteGradientError as err:
         names = [n for n, p in model.named_parameters() if p.requires_grad]
-        task, name = _locate_nonfinite(jac, layout.numels, names)
+        offsets = [0, *itertools.accumulate(layout.numels)]
+        columns = [(i, offsets[i], offsets[i + 1]) for i in range(len(names))]
+        task, index = first_nonfinite(nonfinite_flags([(jac, columns)], jac.shape[0], len(names), jac.device))
+        name = None if index is None else names[index]
         raise NonFiniteGradientError(nonfinite_message(task, name), task, name) from err
     offset = 0
     for p in params:
@@ -104,14 +108,3 @@ def _refuse_wrapped(model: nn.Module, losses: Sequence[Tensor], first_step: bool
             "DistributedDataParallel module itself, with gradvac_dist.gradvac_hook registered: "
             "gradvac_dist.backward(ddp, losses)."
         )
-
-
-def _locate_nonfinite(jac: Tensor, numels: Sequence[int], names: Sequence[str]) -> tuple[int | None, str | None]:
-    """(task, parameter name) of the first non-finite entry of the Jacobian (error path only)."""
-    offset = 0
-    for numel, name in zip(numels, names):
-        bad = (~torch.isfinite(jac[:, offset : offset + numel])).any(dim=1).nonzero()
-        if bad.numel():
-            return int(bad[0, 0]), name
-        offset += numel
-    return None, None

@@ -1,4 +1,4 @@
-"""GradVac's state: frozen configuration kept apart from the mutable trajectory.
+"""GradVac's state: the frozen settings (:mod:`._settings`) kept apart from the mutable trajectory.
 
 The trajectory (EMA targets, the order generator, the step count) is what every rank must hold
 bit-identically; only :meth:`Trajectory.advance` changes it, and it does so from inputs that are
@@ -7,20 +7,19 @@ identical on every rank (the all-reduced Gramians). Checkpoint keys are module c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from ._blocks import GROUPINGS
 from ._checks import check_num_tasks
-from ._comm import STRATEGIES, CommCounters
-from ._errors import ON_NONFINITE
+from ._comm import CommCounters
+from ._settings import GradVacSettings
 from ._step import GradVacStepResult, StepWorkspace, step_with_drawn_order
-from ._weighting import Weighting, check_weighting, weigh_blocks
+from ._weighting import Weighting, weigh_blocks
 
-__all__ = ["GradVacConfig", "GradVacState", "Trajectory", "from_plain", "to_plain"]
+__all__ = ["GradVacState", "Trajectory", "from_plain", "to_plain"]
 
 # Checkpoint keys (state_dict of the aggregator, of GradVacState and of the FSDP wrapper).
 VERSION_KEY = "format_version"
@@ -31,36 +30,6 @@ GENERATOR_KEY = "generator_state"
 STEP_KEY = "step"
 GROUPING_KEY = "grouping"
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class GradVacConfig:
-    """The hyperparameters of GradVac; immutable.
-
-    Attributes:
-        beta: EMA rate of the targets, in ``[0, 1]`` (paper and LibMTL default 0.5).
-        eps: stabiliser of both denominators, ``>= 0`` (default 1e-8, as LibMTL).
-        seed: seed of the CPU generator the visiting orders are drawn from.
-        on_nonfinite: what a step with an inf/NaN task gradient does: ``"raise"`` a
-            :class:`~gradvac_dist.NonFiniteGradientError` (default), or ``"skip"``: leave the
-            state untouched and return the plain (non-finite) sum of the task gradients, so that
-            a ``GradScaler`` skips the optimizer step and lowers its scale.
-    """
-
-    beta: float = 0.5
-    eps: float = 1e-8
-    seed: int = 0
-    on_nonfinite: str = "raise"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"beta must be a number in [0, 1] (the EMA rate of the targets), got {self.beta!r}.")
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps >= 0.0:
-            raise ValueError(f"eps must be a number >= 0, got {self.eps!r}.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}.")
-        if self.on_nonfinite not in ON_NONFINITE:
-            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}.")
 
 
 class Trajectory:
@@ -104,7 +73,7 @@ class Trajectory:
             )
 
     def advance(
-        self, gramians: Tensor, block_sizes: tuple[int, ...], config: GradVacConfig, *, check_inputs: bool = True
+        self, gramians: Tensor, block_sizes: tuple[int, ...], beta: float, eps: float, *, check_inputs: bool = True
     ) -> GradVacStepResult:
         """One step: draws the order (:func:`~gradvac_dist.draw_order`), runs
         :func:`~gradvac_dist.gradvac_step`, keeps the new targets."""
@@ -118,8 +87,8 @@ class Trajectory:
             gramians,
             targets,
             self.generator,
-            beta=config.beta,
-            eps=config.eps,
+            beta=beta,
+            eps=eps,
             check_inputs=check_inputs,
             workspace=self.workspace,
         )
@@ -273,10 +242,15 @@ def _short(sizes: tuple[int, ...], limit: int = 6) -> str:
 class GradVacState:
     """State of :func:`gradvac_dist.gradvac_hook` (DDP) and of the FSDP2 path.
 
-    Holds the frozen configuration, the trajectory every rank keeps identical (EMA targets,
-    order generator, step), and the link to the model it drives. Like PyTorch's
-    ``PowerSGDState``, it pickles everything but the process group (and that link, which is
-    rebuilt at the next step): after unpickling, the default process group is used.
+    Holds the frozen :class:`~gradvac_dist.GradVacSettings` (``state.settings``), the trajectory
+    every rank keeps identical (EMA targets, order generator, step), the communication counters
+    and the link to the model it drives. Like PyTorch's ``PowerSGDState``, it pickles everything
+    but the process group (and that link, which is rebuilt at the next step): after unpickling,
+    the default process group is used.
+
+    The settings are read-only: ``state.num_tasks``, ``state.grouping``, ... read
+    ``state.settings``; assigning one raises ``AttributeError`` (every rank must hold the same
+    settings for a whole run; build a new state to change them).
 
     Args:
         num_tasks: m, the number of task losses passed to :func:`gradvac_dist.backward` each step.
@@ -284,9 +258,10 @@ class GradVacState:
         eps: stabiliser of both denominators, ``>= 0``.
         seed: seed of the CPU generator of the visiting orders; must be the same on every rank.
         grouping: ``"whole"``, ``"parameter"`` or ``"module"`` (see :mod:`gradvac_dist`).
-        process_group: the group to communicate in (default: the default group).
+        process_group: the group to communicate in (default: the default group; under FSDP2, the
+            model's mesh group).
         strategy: ``"sharded"`` or ``"replicated"`` per-task reduction, ``None`` for the backend's
-            measured default (``"sharded"``; on gloo its reduce-scatter is built from all-to-all).
+            default (``"sharded"``; on gloo its reduce-scatter is built from all-to-all).
         shared_params: names (or name prefixes, e.g. ``"encoder"``) of the wrapped module's
             parameters GradVac acts on; every other parameter gets the plain sum of its task
             gradients. ``None``: all parameters.
@@ -308,14 +283,8 @@ class GradVacState:
     """
 
     __slots__ = (  # noqa: RUF023 (grouped by purpose, as PowerSGDState)
-        # configuration (frozen)
-        "num_tasks",
-        "config",
-        "grouping",
-        "strategy",
-        "shared_params",
-        "check_sync_every",
-        "weighting",
+        # what every rank must share: frozen
+        "settings",
         # communication
         "process_group",
         "counters",
@@ -340,35 +309,50 @@ class GradVacState:
         check_sync_every: int | None = None,
         weighting: Any = None,
     ) -> None:
-        self.num_tasks = check_num_tasks(num_tasks)
-        self.config = GradVacConfig(beta=beta, eps=eps, seed=seed, on_nonfinite=on_nonfinite)
-        if grouping not in GROUPINGS:
-            raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}.")
-        if strategy is not None and strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES} or None (the backend's default), got {strategy!r}.")
-        if shared_params is not None:
-            if isinstance(shared_params, str):
-                shared_params = [shared_params]
-            shared_params = tuple(shared_params)
-            if not shared_params or not all(isinstance(s, str) and s for s in shared_params):
-                raise ValueError(
-                    "shared_params must be a non-empty list of parameter names or name prefixes of the wrapped "
-                    f"module (e.g. ['encoder']), got {shared_params!r}."
-                )
-        if check_sync_every is not None and (
-            isinstance(check_sync_every, bool) or not isinstance(check_sync_every, int) or check_sync_every < 1
-        ):
-            raise ValueError(f"check_sync_every must be None or an int >= 1 (steps), got {check_sync_every!r}.")
-        self.check_sync_every = check_sync_every
-        self.weighting: Weighting | None = None if weighting is None else check_weighting(weighting)
-        self.grouping = grouping
-        self.strategy = strategy
-        self.shared_params = shared_params
-        self.process_group = process_group
-        self.counters = CommCounters()
-        self.trajectory = Trajectory(seed, num_tasks)
-        self.last_result: GradVacStepResult | None = None
-        self._driver: Bound | None = None
+        check_num_tasks(num_tasks)  # required here (None is for the single-process aggregators)
+        settings = GradVacSettings(
+            num_tasks=num_tasks,
+            beta=beta,
+            eps=eps,
+            seed=seed,
+            grouping=grouping,
+            strategy=strategy,
+            shared_params=shared_params,
+            on_nonfinite=on_nonfinite,
+            check_sync_every=check_sync_every,
+            weighting=weighting,
+        )
+        self._build(settings, process_group)
+
+    def _build(self, settings: GradVacSettings, process_group: Any) -> None:
+        _set = object.__setattr__
+        _set(self, "settings", settings)
+        _set(self, "process_group", process_group)
+        _set(self, "counters", CommCounters())
+        _set(self, "trajectory", Trajectory(settings.seed, settings.num_tasks))
+        _set(self, "last_result", None)
+        _set(self, "_driver", None)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SETTING_NAMES or name in _FIXED:
+            what = "a setting" if name in _SETTING_NAMES else "fixed once the state exists"
+            raise AttributeError(
+                f"GradVacState.{name} is {what}: every rank must hold the same for the whole run, so it cannot be "
+                f"changed after construction. Build a new GradVacState({name}=...) instead."
+            )
+        object.__setattr__(self, name, value)
+
+    # Read-only views of the settings (the constructor's keyword arguments).
+    num_tasks = property(lambda self: self.settings.num_tasks, doc="m, the number of task losses.")
+    beta = property(lambda self: self.settings.beta, doc="EMA rate of the targets.")
+    eps = property(lambda self: self.settings.eps, doc="Stabiliser of both denominators.")
+    seed = property(lambda self: self.settings.seed, doc="Seed of the order generator.")
+    grouping = property(lambda self: self.settings.grouping, doc="How parameters are split into blocks.")
+    strategy = property(lambda self: self.settings.strategy, doc="DDP's per-task reduction (None: default).")
+    shared_params = property(lambda self: self.settings.shared_params, doc="Parameters GradVac acts on.")
+    on_nonfinite = property(lambda self: self.settings.on_nonfinite, doc="What a non-finite step does.")
+    check_sync_every = property(lambda self: self.settings.check_sync_every, doc="Steps between sync checks.")
+    weighting = property(lambda self: self.settings.weighting, doc="The Gramian weighting, or None (GradVac).")
 
     @property
     def step(self) -> int:
@@ -382,7 +366,7 @@ class GradVacState:
         FSDP2, ``m n`` under DDP's replicated strategy); ``"scratch"`` (DDP, sharded): the padded
         send and receive buffers of the per-task reduce-scatter, reused by the result all-gather;
         ``"stage"``: the coefficient stage's working arrays (about ``10 K m^2`` float64 numbers,
-        once the vectorised stage has run; see :class:`gradvac_dist.StepWorkspace`).
+        once the vectorised stage has run).
         """
         out = {} if self._driver is None else self._driver.buffer_bytes()
         if out and self.trajectory.workspace.nbytes:
@@ -390,53 +374,39 @@ class GradVacState:
         return out
 
     def __repr__(self) -> str:
-        c = self.config
+        s = self.settings
         return (
-            f"GradVacState(num_tasks={self.num_tasks}, beta={c.beta}, eps={c.eps}, seed={c.seed}, "
-            f"grouping={self.grouping!r}, strategy={self.strategy!r}, step={self.step}"
-            + ("" if self.weighting is None else f", weighting={self.weighting!r}")
+            f"GradVacState(num_tasks={s.num_tasks}, beta={s.beta}, eps={s.eps}, seed={s.seed}, "
+            f"grouping={s.grouping!r}, strategy={s.strategy!r}, step={self.step}"
+            + ("" if s.weighting is None else f", weighting={s.weighting!r}")
             + ")"
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """The trajectory and the configuration it depends on; rank- and world-size-independent."""
+        """The trajectory and the setting it depends on (grouping); rank- and world-size-independent."""
         out = self.trajectory.state_dict()
-        out[GROUPING_KEY] = self.grouping
+        out[GROUPING_KEY] = self.settings.grouping
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a checkpoint of the same num_tasks and grouping (any world size); checks it whole first."""
-        if isinstance(state_dict, dict) and state_dict.get(GROUPING_KEY, self.grouping) != self.grouping:
+        grouping = self.settings.grouping
+        if isinstance(state_dict, dict) and state_dict.get(GROUPING_KEY, grouping) != grouping:
             raise ValueError(
-                f"checkpoint grouping {state_dict[GROUPING_KEY]!r} differs from this state's {self.grouping!r}; "
+                f"checkpoint grouping {state_dict[GROUPING_KEY]!r} differs from this state's {grouping!r}; "
                 "refusing to load it (its targets are per block of another partition)."
             )
         expected = self._driver.block_sizes if self._driver is not None else None
         self.trajectory.load_state_dict(state_dict, expected_block_sizes=expected)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {
-            "num_tasks": self.num_tasks,
-            "config": self.config,
-            "grouping": self.grouping,
-            "strategy": self.strategy,
-            "shared_params": self.shared_params,
-            "check_sync_every": self.check_sync_every,
-            "weighting": self.weighting,
-            "trajectory": self.trajectory.state_dict(),
-        }
+        return {"settings": self.settings, "trajectory": self.trajectory.state_dict()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.num_tasks = state["num_tasks"]
-        self.config = state["config"]
-        self.grouping = state["grouping"]
-        self.strategy = state["strategy"]
-        self.shared_params = state["shared_params"]
-        self.check_sync_every = state["check_sync_every"]
-        self.weighting = state.get("weighting")
-        self.process_group = None
-        self.counters = CommCounters()
-        self.trajectory = Trajectory(self.config.seed, self.num_tasks)
+        self._build(state["settings"], None)
         self.trajectory.load_state_dict(state["trajectory"])
-        self.last_result = None
-        self._driver = None
+
+
+_SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(GradVacSettings)) | {"settings"}
+#: Attributes set once by the constructor; a driver reads them, never replaces them.
+_FIXED = frozenset({"counters", "process_group", "trajectory"})

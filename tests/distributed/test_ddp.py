@@ -114,9 +114,9 @@ def test_hook_refuses_non_bucket_and_missing_reducer_api():
 
 def test_state_pickles_without_process_group_and_validates():
     state = GradVacState(num_tasks=3, beta=0.3, seed=5, grouping="parameter", process_group=object())
-    state.trajectory.advance(torch.eye(3, dtype=torch.float64).repeat(2, 1, 1), (4, 4), state.config)
+    state.trajectory.advance(torch.eye(3, dtype=torch.float64).repeat(2, 1, 1), (4, 4), state.beta, state.eps)
     clone = pickle.loads(pickle.dumps(state))
-    assert clone.process_group is None and clone.grouping == "parameter" and clone.config.beta == 0.3
+    assert clone.process_group is None and clone.grouping == "parameter" and clone.settings.beta == 0.3
     assert clone.step == 1 and torch.equal(clone.trajectory.targets, state.trajectory.targets)
     assert torch.equal(clone.trajectory.generator.get_state(), state.trajectory.generator.get_state())
     for kwargs, match in [

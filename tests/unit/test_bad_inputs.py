@@ -20,12 +20,11 @@ import gradvac_dist
 from gradvac_dist import (
     GradVac,
     GradVacState,
-    WeightedAggregator,
+    GramianWeightedAggregator,
     draw_order,
     gradvac_step,
-    load_checkpoint,
-    save_checkpoint,
 )
+from gradvac_dist._checkpoint import load_checkpoint, save_checkpoint
 
 
 class Case(NamedTuple):
@@ -304,23 +303,23 @@ CASES = [
         "check_sync_every must be None or an int >= 1",
     ),
     Case(
-        "WeightedAggregator, GradVacState(weighting=)",
+        "GramianWeightedAggregator, GradVacState(weighting=)",
         "a weighting with state of its own (TorchJD's Stateful ones, a module with buffers)",
-        lambda: WeightedAggregator(_StatefulWeighting()),
+        lambda: GramianWeightedAggregator(_StatefulWeighting()),
         ValueError,
         "keeps state between steps",
     ),
     Case(
-        "WeightedAggregator, GradVacState(weighting=)",
+        "GramianWeightedAggregator, GradVacState(weighting=)",
         "a weighting that needs the Jacobian (TorchJD's matrix weightings)",
-        lambda: WeightedAggregator(_MatrixWeighting()),
+        lambda: GramianWeightedAggregator(_MatrixWeighting()),
         ValueError,
         "weighs the Jacobian itself",
     ),
     Case(
-        "WeightedAggregator()(J)",
+        "GramianWeightedAggregator()(J)",
         "a weighting returning other than m weights",
-        lambda: WeightedAggregator(lambda g: torch.ones(1))(torch.randn(3, 10, dtype=torch.float64)),
+        lambda: GramianWeightedAggregator(lambda g: torch.ones(1))(torch.randn(3, 10, dtype=torch.float64)),
         ValueError,
         "must return a tensor of m=3 weights",
     ),

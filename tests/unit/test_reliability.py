@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import gradvac_dist
-from gradvac_dist import GradVac, GradVacState, NonFiniteGradientError, load_checkpoint, save_checkpoint
+from gradvac_dist import GradVac, GradVacState, NonFiniteGradientError
+from gradvac_dist._checkpoint import load_checkpoint, save_checkpoint
 from tests.settings import DTYPE, randn_
 
 

@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gradvac_dist._step as step_module
-from gradvac_dist import StepWorkspace, draw_order, gradvac_step
+from gradvac_dist import draw_order, gradvac_step
 from gradvac_dist._blocks import contiguous_segments, partial_gramians
+from gradvac_dist._step import StepWorkspace
 from tests.reference import gradvac_reference, pcgrad_reference
 from tests.settings import DTYPE, RTOL, randn_
 

@@ -1,4 +1,4 @@
-"""Gramian weightings on one process: WeightedAggregator against TorchJD's own aggregators, seeded
+"""Gramian weightings on one process: GramianWeightedAggregator against TorchJD's own aggregators, seeded
 randomness, checkpoints, and the refusals."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torchjd.aggregation as A
 from torch import nn
 
 import gradvac_dist
-from gradvac_dist import WeightedAggregator
+from gradvac_dist import GramianWeightedAggregator
 from tests.settings import DTYPE, RTOL
 
 GRAMIAN_METHODS = [
@@ -40,11 +40,11 @@ def _seeded(seed: int, call):
 @pytest.mark.parametrize(("weighting", "aggregator"), GRAMIAN_METHODS, ids=lambda c: c.__name__)
 def test_whole_and_per_block_equal_torchjd(weighting, aggregator):
     jac = _jacobian()
-    whole = WeightedAggregator(weighting(), seed=3)(jac)
+    whole = GramianWeightedAggregator(weighting(), seed=3)(jac)
     expected = _seeded(3, lambda: aggregator()(jac.double()))
     assert (whole.double() - expected).norm() / expected.norm() <= RTOL
     sizes = [100, 50, 150]
-    blocks = WeightedAggregator(weighting(), seed=3)(jac, sizes)
+    blocks = GramianWeightedAggregator(weighting(), seed=3)(jac, sizes)
     parts = _seeded(3, lambda: [aggregator()(jac.double()[:, a : a + s]) for a, s in ((0, 100), (100, 50), (150, 150))])
     expected = torch.cat(parts)
     assert (blocks.double() - expected).norm() / expected.norm() <= RTOL
@@ -52,26 +52,26 @@ def test_whole_and_per_block_equal_torchjd(weighting, aggregator):
 
 def test_a_torchjd_aggregator_gives_its_weighting():
     jac = _jacobian(seed=1)
-    assert torch.equal(WeightedAggregator(A.UPGrad())(jac), WeightedAggregator(A.UPGradWeighting())(jac))
+    assert torch.equal(GramianWeightedAggregator(A.UPGrad())(jac), GramianWeightedAggregator(A.UPGradWeighting())(jac))
 
 
 def test_random_draws_are_seeded_leave_the_global_generator_alone_and_resume():
     jacs = [_jacobian(seed=s) for s in range(4)]
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    full = WeightedAggregator(A.PCGradWeighting(), seed=5)
+    full = GramianWeightedAggregator(A.PCGradWeighting(), seed=5)
     outs = [full(j) for j in jacs]
     assert torch.equal(torch.get_rng_state(), before), "the weighting's draws must not move the user's generator"
-    half = WeightedAggregator(A.PCGradWeighting(), seed=5)
+    half = GramianWeightedAggregator(A.PCGradWeighting(), seed=5)
     for j in jacs[:2]:
         half(j)
-    resumed = WeightedAggregator(A.PCGradWeighting(), seed=0)
+    resumed = GramianWeightedAggregator(A.PCGradWeighting(), seed=0)
     resumed.load_state_dict(half.state_dict())
     assert resumed.step == 2
     for j, out in zip(jacs[2:], outs[2:]):
         assert torch.equal(resumed(j), out)
     # and another seed gives other orders: the test can fail
-    other = WeightedAggregator(A.PCGradWeighting(), seed=6)
+    other = GramianWeightedAggregator(A.PCGradWeighting(), seed=6)
     assert any(not torch.equal(other(j), out) for j, out in zip(jacs, outs))
 
 
@@ -84,7 +84,7 @@ def test_backward_with_a_weighting_on_a_plain_module():
     params = list(model.parameters())
     rows = [torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)]) for loss in losses]
     expected = A.UPGrad()(torch.stack(rows).double())
-    gradvac_dist.backward(model, losses, WeightedAggregator(A.UPGradWeighting()))
+    gradvac_dist.backward(model, losses, GramianWeightedAggregator(A.UPGradWeighting()))
     got = torch.cat([p.grad.flatten() for p in params]).double()
     assert (got - expected).norm() / expected.norm() <= RTOL
 
@@ -113,7 +113,7 @@ class _WithBuffer(nn.Module):
 )
 def test_what_cannot_run_identically_everywhere_is_refused(weighting, message):
     with pytest.raises(ValueError, match=message):
-        WeightedAggregator(weighting)
+        GramianWeightedAggregator(weighting)
     with pytest.raises(ValueError, match=message):
         gradvac_dist.GradVacState(num_tasks=3, weighting=weighting)
 
@@ -121,6 +121,6 @@ def test_what_cannot_run_identically_everywhere_is_refused(weighting, message):
 def test_a_weighting_returning_the_wrong_shape_or_non_finite_weights_is_refused():
     jac = _jacobian()
     with pytest.raises(ValueError, match="must return a tensor of m=4 weights"):
-        WeightedAggregator(lambda g: torch.ones(2))(jac)
+        GramianWeightedAggregator(lambda g: torch.ones(2))(jac)
     with pytest.raises(ValueError, match="returned non-finite weights"):
-        WeightedAggregator(lambda g: torch.full((g.shape[0],), float("nan")))(jac)
+        GramianWeightedAggregator(lambda g: torch.full((g.shape[0],), float("nan")))(jac)
