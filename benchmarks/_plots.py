@@ -1,6 +1,6 @@
 """The report's PNG figures (matplotlib, Agg canvas: no display, no pyplot state).
 
-Each ``draw_*`` takes the :class:`~benchmarks.report.Results` of a run and a path.
+Each ``draw_*`` takes the :class:`~benchmarks._results.Results` of a run and a path.
 """
 
 from __future__ import annotations
@@ -8,16 +8,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullLocator
 
 from . import ddp, fsdp
-
-if TYPE_CHECKING:
-    from .report import Results
+from ._results import DDP_SHORT, Results, sweep_rows
 
 __all__ = ["FIGURES"]
 
@@ -104,7 +102,6 @@ def _oversubscribed(ax: Any, xs: Sequence[float]) -> None:
 
 
 def draw_ddp_time(results: Results, path: Path) -> None:
-    from .report import DDP_SHORT, sweep_rows
 
     fig, axes = _figure(2, 3, (15, 9.4))
     center = _center(results)
@@ -121,7 +118,13 @@ def draw_ddp_time(results: Results, path: Path) -> None:
         _mb_axis(top)
         top.set(title=f"Time per step vs {sweep} ({_fixed(center, sweep)})", ylabel="ms per step (log)")
         bottom.axhline(1.0, color=STYLE["a"][0], lw=1.2, label="(a) m-pass DDP = 1")
-        bottom.axhline(ddp.GOAL, color="k", lw=0.9, ls=":", label=f"goal for (d), (e): {ddp.GOAL}x ({ddp.GOAL_ONE_RANK}x at W=1)")
+        bottom.axhline(
+            ddp.MAX_RATIO_TO_M_PASS,
+            color="k",
+            lw=0.9,
+            ls=":",
+            label=f"goal for (d), (e): {ddp.MAX_RATIO_TO_M_PASS}x ({ddp.MAX_RATIO_TO_M_PASS_ONE_RANK}x at W=1)",
+        )
         bottom.set(title=f"Step time / (a)'s, paired by round, vs {sweep}", ylabel="ratio to (a)")
         for ax in (top, bottom):
             _sweep_axis(ax, sweep, xs, label)
@@ -137,7 +140,6 @@ def draw_ddp_time(results: Results, path: Path) -> None:
 
 
 def draw_ddp_bytes(results: Results, path: Path) -> None:
-    from .report import DDP_SHORT, sweep_rows
 
     fig, axes = _figure(1, 3, (15, 5.4))
     center = _center(results)
@@ -174,7 +176,6 @@ def draw_ddp_bytes(results: Results, path: Path) -> None:
 
 
 def draw_memory(results: Results, path: Path) -> None:
-    from .report import DDP_SHORT, sweep_rows
 
     fig, axes = _figure(1, 3, (17, 5.2))
     center = _center(results)
@@ -258,7 +259,7 @@ def draw_fsdp(results: Results, path: Path) -> None:
     ax.set(
         xlabel="ms per step (median over the timed steps of the slowest rank)",
         title=f"FSDP2, {main.world} gloo ranks, m={main.m}, n={_fmt_n(main.n)}\nGradVac-FSDP / m-pass FSDP = "
-        f"{main.ratio:.2f}x (paired {main.paired:.2f}x; goal <= {fsdp.GOAL}x)",
+        f"{main.ratio:.2f}x (paired {main.paired:.2f}x; goal <= {fsdp.MAX_RATIO_TO_M_PASS}x)",
     )
     ax.title.set_fontsize(10)
     ax.grid(True, axis="x", alpha=0.3)

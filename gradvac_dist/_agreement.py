@@ -3,7 +3,8 @@
 Two checks; each raises on every rank at once, because every rank decides from the same reduced
 numbers.
 
-- :func:`check_agreement`, at a driver's first step and after every ``load_state_dict``: the
+- :func:`check_agreement`, once, at a driver's first synchronising step (and at FSDP2
+  registration): the
   settings (num_tasks, grouping, strategy, the parameters GradVac acts on, beta, eps, seed,
   on_nonfinite, the block layout, ...) and the trajectory (step count, generator, targets). Each
   setting is encoded into a number of float64 entries fixed by its *kind*, never by its value, so
@@ -11,7 +12,8 @@ numbers.
   never turned into mismatched collectives. One MAX all-reduce of ``[x, -x]`` gives the minimum
   and maximum of every entry over the ranks; a setting differs iff they differ. A rank that could
   not even build its settings (a bad argument on that rank only) takes part all the same, so the
-  others raise instead of waiting for it.
+  others raise instead of waiting for it. A later ``load_state_dict`` changes only the
+  trajectory, which the fingerprint below covers at the next step.
 - The per-step *fingerprint* of the trajectory (targets, generator state, step count), carried by
   the Gramian all-reduce at no extra collective: :data:`CHANNELS` integers ``f_c < 2^k`` enter as
   ``f_c`` and ``f_c^2``; after the SUM over ``W`` ranks, ``W * sum(f^2) == (sum f)^2`` iff every

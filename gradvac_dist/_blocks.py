@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +20,8 @@ from torch import Tensor, nn
 __all__ = [
     "GROUPINGS",
     "BlockLayout",
-    "Grouping",
     "Segment",
+    "append_segment",
     "combine",
     "contiguous_segments",
     "exact_arithmetic",
@@ -32,14 +31,13 @@ __all__ = [
     "segments_of_range",
 ]
 
-Grouping = Literal["whole", "parameter", "module"]
 GROUPINGS: tuple[str, ...] = ("whole", "parameter", "module")
 Segment = tuple[int, int, int]  # (block, start, stop) in the coordinates of a piece
 
 #: Columns per chunk when streaming a Gramian: the whole chunks of a segment go through ONE batched
-#: matmul over a strided view (no copy), each chunk's [m, m] product summed in float64. Measured on
-#: 2 cores at m=10, n=4M: ~2x faster than a single ``J @ J.T`` and than a loop of 65536-column
-#: matmuls; 8192 and 65536 columns were both slower.
+#: matmul over a strided view (no copy), each chunk's [m, m] product summed in float64. The size
+#: balances the batched matmul's efficiency against the float64 partial sums it leaves (timings
+#: against one ``J @ J.T`` and other chunk sizes: docs/design.md, "Thresholds").
 GRAMIAN_CHUNK = 1 << 14
 
 
@@ -73,16 +71,14 @@ class BlockLayout:
         out: list[Segment] = []
         start = 0
         for numel, block in zip(self.numels, self.param_blocks):
-            _append(out, block, start, start + numel)
+            append_segment(out, block, start, start + numel)
             start += numel
         return out
 
-    def fingerprint(self) -> tuple[int, tuple[int, ...]]:
-        """What must not change between steps: the number of blocks and their sizes."""
-        return self.num_blocks, self.block_sizes
 
-
-def _append(out: list[Segment], block: int, start: int, stop: int) -> None:
+def append_segment(out: list[Segment], block: int, start: int, stop: int) -> None:
+    """Appends ``(block, start, stop)`` to ``out``, merged into the last segment when it continues it;
+    an empty range is dropped."""
     if stop <= start:
         return
     if out and out[-1][0] == block and out[-1][2] == start:
@@ -96,7 +92,7 @@ def contiguous_segments(block_sizes: Sequence[int]) -> list[Segment]:
     out: list[Segment] = []
     start = 0
     for block, size in enumerate(block_sizes):
-        _append(out, block, start, start + int(size))
+        append_segment(out, block, start, start + int(size))
         start += int(size)
     return out
 
@@ -107,7 +103,7 @@ def segments_of_range(segments: Sequence[Segment], start: int, stop: int) -> lis
     for block, s, e in segments:
         lo, hi = max(s, start), min(e, stop)
         if lo < hi:
-            _append(out, block, lo - start, hi - start)
+            append_segment(out, block, lo - start, hi - start)
     return out
 
 
@@ -117,7 +113,7 @@ def layout_of(
     grouping: str,
     shared_params: Iterable[nn.Parameter | str] | None = None,
 ) -> BlockLayout:
-    """The blocks of ``params`` under ``grouping``.
+    """The blocks of ``params`` under ``grouping``: :func:`acted_on` then :func:`assign_blocks`.
 
     Args:
         module: the module owning ``params`` (needed for ``grouping="module"``).
@@ -134,34 +130,49 @@ def layout_of(
             f"grouping must be one of {GROUPINGS} (one block for the whole model, one per parameter "
             f"tensor, one per layer), got {grouping!r}."
         )
-    acted = [True] * len(params)
-    if shared_params is not None:
-        shared = list(shared_params)
-        if not shared:
-            raise ValueError("shared_params is empty: pass the parameters GradVac should act on, or None for all.")
-        names_by_id = {id(p): n for n, p in module.named_parameters()} if module is not None else {}
-        prefixes = [s for s in shared if isinstance(s, str)]
-        shared_ids = {id(p) for p in shared if not isinstance(p, str)}
-        if prefixes and module is None:
-            raise ValueError("shared_params given by name need the module: pass a module, not a list of parameters.")
-        if not shared_ids <= {id(p) for p in params}:
-            raise ValueError(
-                "shared_params contains parameters that are not trainable parameters of the model; pass "
-                "a subset of model.parameters() with requires_grad=True."
-            )
+    return assign_blocks(module, params, grouping, acted_on(module, params, shared_params))
 
-        def matches(p: nn.Parameter) -> bool:
-            name = names_by_id.get(id(p), "")
-            return id(p) in shared_ids or any(name == q or name.startswith(q + ".") for q in prefixes)
 
-        acted = [matches(p) for p in params]
-        unmatched = [q for q in prefixes if not any(n == q or n.startswith(q + ".") for n in names_by_id.values())]
-        if unmatched:
-            raise ValueError(
-                f"shared_params names {unmatched} match no parameter of the model; use names from "
-                "model.named_parameters() (or a module prefix such as 'encoder')."
-            )
+def acted_on(
+    module: nn.Module | None, params: Sequence[nn.Parameter], shared_params: Iterable[nn.Parameter | str] | None
+) -> list[bool]:
+    """Per parameter, whether GradVac acts on it: ``shared_params`` (Parameter objects, or names /
+    module-name prefixes of ``module``'s parameters) resolved against ``params``; all of them if ``None``."""
+    if shared_params is None:
+        return [True] * len(params)
+    shared = list(shared_params)
+    if not shared:
+        raise ValueError("shared_params is empty: pass the parameters GradVac should act on, or None for all.")
+    names_by_id = {id(p): n for n, p in module.named_parameters()} if module is not None else {}
+    prefixes = [s for s in shared if isinstance(s, str)]
+    shared_ids = {id(p) for p in shared if not isinstance(p, str)}
+    if prefixes and module is None:
+        raise ValueError("shared_params given by name need the module: pass a module, not a list of parameters.")
+    if not shared_ids <= {id(p) for p in params}:
+        raise ValueError(
+            "shared_params contains parameters that are not trainable parameters of the model; pass "
+            "a subset of model.parameters() with requires_grad=True."
+        )
 
+    def matches(p: nn.Parameter) -> bool:
+        name = names_by_id.get(id(p), "")
+        return id(p) in shared_ids or any(name == q or name.startswith(q + ".") for q in prefixes)
+
+    acted = [matches(p) for p in params]
+    unmatched = [q for q in prefixes if not any(n == q or n.startswith(q + ".") for n in names_by_id.values())]
+    if unmatched:
+        raise ValueError(
+            f"shared_params names {unmatched} match no parameter of the model; use names from "
+            "model.named_parameters() (or a module prefix such as 'encoder')."
+        )
+    return acted
+
+
+def assign_blocks(
+    module: nn.Module | None, params: Sequence[nn.Parameter], grouping: str, acted: Sequence[bool]
+) -> BlockLayout:
+    """The layout of ``params``: each acted-on, non-empty parameter gets the block ``grouping`` gives
+    it (blocks numbered in order of first appearance), every other parameter block ``-1``."""
     param_names: list[str] = [f"param{i}" for i in range(len(params))]
     owner: list[str] = list(param_names)
     if module is not None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["check_losses", "check_num_tasks", "graph_nodes", "reject_fsdp1"]
+__all__ = ["check_loss_count", "check_losses", "check_num_tasks", "graph_nodes", "reject_fsdp1"]
 
 
 def check_num_tasks(num_tasks: Any) -> int:
@@ -19,7 +19,7 @@ def check_num_tasks(num_tasks: Any) -> int:
     return num_tasks
 
 
-def check_losses(losses: Sequence[Tensor] | Tensor, num_tasks: int | None = None) -> list[Tensor]:
+def check_losses(losses: Sequence[Tensor] | Tensor) -> list[Tensor]:
     """The losses as a list of scalar tensors that require grad (a 1-D tensor is split into its entries)."""
     if isinstance(losses, Tensor):
         losses = list(losses.unbind()) if losses.dim() == 1 else [losses]
@@ -34,11 +34,15 @@ def check_losses(losses: Sequence[Tensor] | Tensor, num_tasks: int | None = None
             )
         if not loss.requires_grad:
             raise ValueError(f"losses[{i}] does not require grad: it is not connected to the model's parameters.")
-    if num_tasks is not None and len(losses) != num_tasks:
-        raise ValueError(
-            f"got {len(losses)} losses but GradVacState(num_tasks={num_tasks}); pass exactly one loss per task."
-        )
     return losses
+
+
+def check_loss_count(num_losses: int, num_tasks: int) -> None:
+    """Refuses a step with another number of losses than the state's ``num_tasks``."""
+    if num_losses != num_tasks:
+        raise ValueError(
+            f"got {num_losses} losses but GradVacState(num_tasks={num_tasks}); pass exactly one loss per task."
+        )
 
 
 def reject_fsdp1(model: nn.Module) -> None:
@@ -51,7 +55,7 @@ def reject_fsdp1(model: nn.Module) -> None:
 
 
 def graph_nodes(losses: Sequence[Tensor], limit: int = 1_000_000) -> Iterator[Any]:
-    """The autograd nodes the losses depend on, each once (at most ``limit``; about 1-2 us a node).
+    """The autograd nodes the losses depend on, each once (at most ``limit``; a few microseconds a node).
 
     The nodes' Python wrappers are kept alive while walking: a wrapper that is freed can hand its
     ``id`` to the next one (seen on torch 2.6), which would end the walk early.

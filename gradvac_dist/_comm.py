@@ -93,8 +93,8 @@ def default_strategy(group: dist.ProcessGroup | None) -> Strategy:
     Sharded sends ``(m+1) n (W-1)/W`` elements per rank and step against ``2 m n (W-1)/W`` for
     replicated. On NCCL a ring all-reduce is a reduce-scatter plus an all-gather, so this is a pure
     saving. On gloo, whose own reduce-scatter sends as much as an all-reduce, the reduce-scatter is
-    built from ``all_to_all_single`` (see :func:`start_reduce_scatter`); measured on 2 CPU ranks,
-    m=3, 2.4M parameters: sharded 1.16x the m-pass DDP step, replicated 1.28x (same run).
+    built from ``all_to_all_single`` (see :func:`start_reduce_scatter`), which sends half as much;
+    ``python -m benchmarks ddp`` compares the two.
     """
     del group  # kept in the signature: the choice may depend on the backend again
     return "sharded"
@@ -123,8 +123,8 @@ class PendingReduce:
 
 def reduce_scatter_via_all_to_all(group: dist.ProcessGroup | None) -> bool:
     """Whether to build reduce-scatter from all-to-all: yes on gloo, whose own reduce-scatter sends
-    the whole buffer like an all-reduce (measured: 9.6 MB for a 2.4M-float bucket on 2 ranks, vs
-    4.8 MB and half the time through all_to_all_single plus a local sum)."""
+    the whole buffer like an all-reduce, where all_to_all_single plus a local sum sends the
+    ``(W-1)/W`` share a reduce-scatter needs (bytes: docs/design.md, "Thresholds")."""
     return str(dist.get_backend(group)).lower() == "gloo"
 
 
@@ -141,8 +141,8 @@ def start_reduce_scatter(
 
     With ``recv`` (a buffer like ``padded_input``; gloo), it is an ``all_to_all_single`` into
     ``recv`` followed by a local sum of the W received chunks in rank order (deterministic);
-    without, the backend's reduce-scatter (list form, which measured faster on gloo than the
-    tensor form and does not warn in torch 2.13).
+    without, the backend's reduce-scatter (list form: faster on gloo than the tensor form, and it
+    does not warn in torch 2.13).
     """
     world = dist.get_world_size(group)
     counters.record(name, padded_input)
@@ -158,8 +158,8 @@ def start_reduce_scatter(
 
 
 def _sum_chunks(chunks: Tensor, out: Tensor) -> Tensor:
-    """``out = chunks[0] + chunks[1] + ...`` in rank order, one element-wise add per chunk: a third of
-    the time of ``torch.sum(chunks, dim=0)``, a strided reduction (1.2M floats, W=2: 0.20 vs 0.60 ms)."""
+    """``out = chunks[0] + chunks[1] + ...`` in rank order, one contiguous element-wise add per chunk,
+    where ``torch.sum(chunks, dim=0)`` is a strided reduction and several times slower."""
     assert chunks.shape[0] >= 2, "a reduce-scatter runs on two ranks or more (one rank copies)"
     torch.add(chunks[0], chunks[1], out=out)
     for chunk in chunks[2:]:

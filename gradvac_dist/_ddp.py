@@ -26,9 +26,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import _grads
 from . import _torch_compat as compat
 from ._blocks import BlockLayout, Segment, combine, layout_of, segments_of_range
-from ._checks import graph_nodes
+from ._checks import check_loss_count, graph_nodes
 from ._comm import (
     CommCounters,
     PendingReduce,
@@ -87,7 +88,7 @@ def gradvac_hook(state: GradVacState, bucket: dist.GradBucket) -> torch.futures.
             "For FSDP2 use gradvac_dist.register_fsdp(model, state); FSDP1 is unsupported."
         )
     runtime = getattr(state, "_driver", None)
-    if not isinstance(runtime, _DDPRuntime) or runtime.phase is _Phase.IDLE:
+    if not isinstance(runtime, DDPGradVac) or runtime.phase is _Phase.IDLE:
         if _driving is not None and _driving is not runtime:
             raise RuntimeError(
                 "gradvac_hook of one DistributedDataParallel module fired during gradvac_dist.backward of another: "
@@ -221,7 +222,7 @@ class _BucketPlan:
 
 #: The DDP runtime whose passes are running (a plain global: hooks may run on autograd's device
 #: threads, which a context variable would not reach).
-_driving: "_DDPRuntime | None" = None
+_driving: "DDPGradVac | None" = None
 
 
 class _Phase(enum.Enum):
@@ -232,8 +233,12 @@ class _Phase(enum.Enum):
     DONE = "done"  # the last bucket of the last pass has run the step
 
 
-class _DDPRuntime(Driver):
-    """The DDP driver of a state: bucket plans and per-step machinery of the hook (``state._driver``)."""
+class DDPGradVac(Driver):
+    """GradVac attached to a DDP module at its first step (``state._driver``): the transport.
+
+    Bucket plans, the per-task reductions the hook starts, the step at the last bucket, and the
+    bookkeeping of the m passes; accumulation under ``no_sync`` is :class:`_MicroBatches`', and
+    every ``.grad`` write is ``_grads``'."""
 
     def __init__(self, state: GradVacState, ddp: DistributedDataParallel) -> None:
         super().__init__(ddp, state)
@@ -271,7 +276,7 @@ class _DDPRuntime(Driver):
         self.grad_strides = [torch.empty_like(p, device="meta").stride() for p in params]
         #: parameters that got a gradient in an earlier pass of this step (see clear_grads)
         self.reached = [False] * len(params)
-        self.pending: Tensor | None = None  # [m, n] local per-task sums of sync=False micro-batches
+        self.micro_batches = _MicroBatches(self)
 
     def buffer_bytes(self) -> dict[str, int]:
         plans = self.plans.values()
@@ -301,20 +306,6 @@ class _DDPRuntime(Driver):
                 "DDP did not reduce every bucket in this pass (was the reducer prepared? is static_graph on?)."
             )
 
-    def accumulate(self, losses: Sequence[Tensor]) -> None:
-        """Adds each task's local gradient of a micro-batch to ``pending`` (no hook fires)."""
-        m = len(losses)
-        if self.pending is None:
-            first = self.params[0]
-            self.pending = torch.zeros((m, self.offsets[-1]), dtype=first.dtype, device=first.device)
-        trainable = [i for i, t in enumerate(self.trainable) if t]
-        params = [self.params[i] for i in trainable]
-        for task, loss in enumerate(losses):
-            grads = torch.autograd.grad(loss, params, retain_graph=task < m - 1, allow_unused=True)
-            for i, g in zip(trainable, grads):
-                if g is not None:
-                    self.flat_view(self.pending[task], i).add_(g)
-
     def flat_view(self, flat: Tensor, index: int) -> Tensor:
         """Parameter ``index``'s columns of a flat ``[n]`` row laid out like its bucket slice, as its shape."""
         return self.as_param(flat[self.offsets[index] : self.offsets[index + 1]], index)
@@ -331,11 +322,7 @@ class _DDPRuntime(Driver):
         The record agrees across ranks: DDP writes ``.grad`` after a pass for every parameter that ANY
         rank reached in it (its used-parameter map is all-reduced), so a branch taken on one rank only
         is recorded on all of them."""
-        reached = self.reached
-        for i, p in enumerate(self.params):
-            if p.grad is not None:
-                reached[i] = True
-                p.grad = None
+        _grads.clear(self.params, self.reached)
 
     def fill_reached(self) -> None:
         """After the last pass: a parameter an earlier task reached but the last one did not gets no
@@ -362,39 +349,12 @@ class _DDPRuntime(Driver):
                 base = run[0][1]
                 copy = plan.result[base : run[-1][2]].clone()
                 for index, start, stop in run:
-                    self.params[index].grad = self.as_param(copy[start - base : stop - base], index)
-
-    def set_aside_grads(self) -> list[Tensor | None] | None:
-        """Takes existing ``.grad`` out of the way of the passes; ``None`` when there is none (after
-        ``zero_grad()``, the usual case: nothing to do). With ``gradient_as_bucket_view`` the old
-        ``.grad`` is a view of a bucket the passes overwrite, so it is copied; otherwise the tensor
-        itself is kept aside."""
-        if all(p.grad is None for p in self.params):
-            return None
-        view = bool(getattr(self.module, "gradient_as_bucket_view", False))
-        prior = []
-        for p in self.params:
-            prior.append(None if p.grad is None else p.grad.detach().clone() if view else p.grad)
-            p.grad = None
-        return prior
-
-    def restore_grads(self, prior: list[Tensor | None] | None, add: bool) -> None:
-        """Adds the set-aside gradients to the step's (``add``), or puts them back alone (a failed step)."""
-        if prior is None:
-            return
-        with torch.no_grad():
-            for p, old in zip(self.params, prior):
-                if old is None:
-                    continue
-                if add and p.grad is not None:
-                    p.grad.add_(old)
-                else:
-                    p.grad = old
+                    _grads.put(self.params[index], self.as_param(copy[start - base : stop - base], index))
 
     def disarm(self) -> None:
         """Ends a synchronised step, finished or failed: open futures and accumulated micro-batches go."""
         self.phase = _Phase.IDLE
-        self.pending = None
+        self.micro_batches.reset()
         for plan in self.plans.values():
             plan.future = plan.result = None
 
@@ -420,9 +380,7 @@ class _DDPRuntime(Driver):
         task, m = self.task, self.state.num_tasks
         group, counters = self.state.process_group, self.state.counters
         buf = bucket.buffer()
-        if self.pending is not None:  # earlier micro-batches of this step (gradient accumulation)
-            for index, start, stop in plan.params_in_bucket:
-                buf[start:stop].add_(self.pending[task, self.offsets[index] : self.offsets[index + 1]])  # same layout
+        self.micro_batches.add_into(buf, plan, task)
         if self.world == 1:
             plan.stash[task].copy_(buf)
         elif self.strategy == "sharded":
@@ -502,6 +460,42 @@ class _DDPRuntime(Driver):
         fut.set_result(value)
 
 
+class _MicroBatches:
+    """Gradient accumulation under ``ddp.no_sync()``: each task's local gradient of every micro-batch,
+    summed with no communication, then added into that task's buckets at the step's passes."""
+
+    __slots__ = ("driver", "pending")
+
+    def __init__(self, driver: "DDPGradVac") -> None:
+        self.driver = driver
+        self.pending: Tensor | None = None  # [m, n] local per-task sums, in bucket layout
+
+    def reset(self) -> None:
+        self.pending = None
+
+    def accumulate(self, losses: Sequence[Tensor]) -> None:
+        """Adds each task's local gradient of a micro-batch to ``pending`` (no hook fires)."""
+        driver, m = self.driver, len(losses)
+        if self.pending is None:
+            first = driver.params[0]
+            self.pending = torch.zeros((m, driver.offsets[-1]), dtype=first.dtype, device=first.device)
+        trainable = [i for i, t in enumerate(driver.trainable) if t]
+        params = [driver.params[i] for i in trainable]
+        for task, loss in enumerate(losses):
+            task_grads = torch.autograd.grad(loss, params, retain_graph=task < m - 1, allow_unused=True)
+            for i, g in zip(trainable, task_grads):
+                if g is not None:
+                    driver.flat_view(self.pending[task], i).add_(g)
+
+    def add_into(self, buf: Tensor, plan: _BucketPlan, task: int) -> None:
+        """Adds task ``task``'s pending sums of the bucket's parameters into its buffer (same layout)."""
+        if self.pending is None:
+            return
+        offsets = self.driver.offsets
+        for index, start, stop in plan.params_in_bucket:
+            buf[start:stop].add_(self.pending[task, offsets[index] : offsets[index + 1]])
+
+
 #: Shards of at least twice this many elements are combined and all-gathered in pieces of about this
 #: size (at most 4), so the all-gather of one piece overlaps the combine of the next.
 PIPELINE_PIECE = 1 << 18
@@ -537,7 +531,7 @@ def _find_state(ddp: DistributedDataParallel) -> GradVacState:
     return state
 
 
-def _bind(ddp: DistributedDataParallel, losses: Sequence[Tensor]) -> _DDPRuntime:
+def _bind(ddp: DistributedDataParallel, losses: Sequence[Tensor]) -> DDPGradVac:
     """The first step of a DDP module: finds its state, checks the configuration, attaches a runtime.
 
     A rank that fails here still takes part in the rank agreement (see ``_agreement.py``), so that
@@ -547,7 +541,7 @@ def _bind(ddp: DistributedDataParallel, losses: Sequence[Tensor]) -> _DDPRuntime
     try:
         state = _find_state(ddp)
         check_ddp_configuration(ddp)
-        runtime = _DDPRuntime(state, ddp)
+        runtime = DDPGradVac(state, ddp)
         _refuse_other_ddp_modules(ddp, losses)
         attach(ddp, runtime)
     except (ValueError, TypeError, RuntimeError) as err:
@@ -599,7 +593,7 @@ def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor], sync: b
             "DistributedSampler(..., drop_last=True)) and leave join() out."
         )
     runtime = driver_of(ddp)
-    if not isinstance(runtime, _DDPRuntime):
+    if not isinstance(runtime, DDPGradVac):
         runtime = _bind(ddp, losses)
     if tuple(p.requires_grad for p in runtime.params) != runtime.trainable:
         changed = [
@@ -615,8 +609,7 @@ def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor], sync: b
     if sync:
         runtime.engine.agree(len(losses))
     m = runtime.state.num_tasks
-    if len(losses) != m:
-        raise ValueError(f"got {len(losses)} losses but GradVacState(num_tasks={m}); pass exactly one loss per task.")
+    check_loss_count(len(losses), m)
     if sync != wrapper_sync:
         if sync:
             raise ValueError(
@@ -628,9 +621,10 @@ def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor], sync: b
             "inside `with ddp.no_sync():` (around the forward and this call), as any DDP gradient accumulation."
         )
     if not sync:
-        runtime.accumulate(losses)
+        runtime.micro_batches.accumulate(losses)
         return
-    prior = runtime.set_aside_grads()
+    # With gradient_as_bucket_view an existing .grad is a view of a bucket the passes overwrite: copied.
+    prior = _grads.set_aside(runtime.params, copy=bool(getattr(ddp, "gradient_as_bucket_view", False)))
     global _driving
     done = False
     try:
@@ -649,5 +643,5 @@ def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor], sync: b
     finally:
         _driving = None
         runtime.disarm()
-        runtime.restore_grads(prior, add=done)
+        (_grads.add_back if done else _grads.put_back)(runtime.params, prior)
     runtime.engine.finish(runtime.outcome)

@@ -54,6 +54,7 @@ __all__ = [
     "StepOutcome",
     "agree_on_failure",
     "attach",
+    "check_attachable",
     "check_in_sync",
     "detach",
     "driver_of",
@@ -63,11 +64,9 @@ __all__ = [
 
 #: Where the coefficient stage runs: on the host below this many Gramian entries (K*m*m), on the
 #: pieces' device at or above it. The stage is m-1 sequential visits of about a dozen element-wise
-#: ops each on [K, m] tensors: on an accelerator each op is a kernel launch (~5-10 us, whatever the
-#: size), on the host a small op takes a few us and grows with K*m*m (measured on the shared 2-core
-#: CPU machine, 1 thread, a whole step: m=3, K=1: 0.9 ms; m=10, K=40: 2.4 ms; m=8, K=512: 7.9 ms;
-#: m=64, K=500: 550 ms). The step needs the
-#: host anyway for its one synchronisation (the finiteness decision), so small problems avoid
+#: ops each on [K, m] tensors: on an accelerator each op is a kernel launch (a fixed cost, whatever
+#: the size), on the host a small op costs less than a launch but grows with K*m*m (host timings:
+#: docs/design.md, "Thresholds"). The step needs the host anyway for its one synchronisation (the finiteness decision), so small problems avoid
 #: dozens of launches and large ones keep their arithmetic on the accelerator. On the CPU (gloo)
 #: host and device are the same.
 DEVICE_STAGE_MIN_ENTRIES = 1 << 15
@@ -161,8 +160,11 @@ class Engine:
     Args:
         state: the :class:`~gradvac_dist.GradVacState` whose trajectory advances.
         group: the process group the Gramians are summed over (every rank holding a piece).
-        block_sizes: the global sizes of the K blocks (rank- and world-size-independent).
+        layout: the model's :class:`BlockLayout` (global block sizes: rank- and
+            world-size-independent), compared across ranks and checked at every step.
         param_names: the names of the trainable parameters, by parameter index, for errors.
+        strategy: how the pieces were made (``"sharded"``, ``"replicated"`` or ``"fsdp2"``), for the
+            rank agreement.
     """
 
     __slots__ = (
@@ -347,7 +349,7 @@ def check_in_sync(state: GradVacState, group: dist.ProcessGroup | None, num_bloc
 
 
 class Driver:
-    """What drives a model's GradVac steps: the DDP hook's runtime, or the FSDP2 handle.
+    """What drives a model's GradVac steps: DDPGradVac (the DDP hook's) or FSDPGradVac (the FSDP2 handle).
 
     It holds the model weakly (dropping the model drops the link), the state, and the shared
     :class:`Engine`. One driver per model and one per state: see :func:`attach`.
@@ -381,17 +383,21 @@ class Driver:
 _DRIVERS: weakref.WeakKeyDictionary[nn.Module, Driver] = weakref.WeakKeyDictionary()
 
 
-def attach(model: nn.Module, driver: Driver) -> None:
-    """Links ``model`` and ``driver.state`` to ``driver``; refuses a model or a state linked elsewhere."""
-    state = driver.state
+def check_attachable(model: nn.Module, state: GradVacState, driver: Driver | None = None) -> None:
+    """Refuses a model or a state already linked to a driver other than ``driver``."""
     if state._driver is not None and state._driver is not driver:
         raise ValueError(
             "this GradVacState is already used by another DDP module or FSDP2 model; create one GradVacState per model."
         )
     if _DRIVERS.get(model, driver) is not driver:
         raise ValueError("GradVac is already registered on this model; register once (call handle.remove() first).")
+
+
+def attach(model: nn.Module, driver: Driver) -> None:
+    """Links ``model`` and ``driver.state`` to ``driver``; refuses a model or a state linked elsewhere."""
+    check_attachable(model, driver.state, driver)
     _DRIVERS[model] = driver
-    state._driver = driver
+    driver.state._driver = driver
 
 
 def driver_of(model: nn.Module) -> Driver | None:

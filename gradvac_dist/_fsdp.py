@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -42,11 +42,12 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from . import _grads
 from . import _torch_compat as compat
-from ._blocks import BlockLayout, Segment, combine, layout_of
-from ._checks import check_losses, reject_fsdp1
+from ._blocks import BlockLayout, Segment, append_segment, combine, layout_of
+from ._checks import check_loss_count, check_losses, reject_fsdp1
 from ._comm import CommCounters
-from ._engine import Driver, Engine, Piece, agree_on_failure, attach, detach, driver_of
+from ._engine import Driver, Engine, Piece, agree_on_failure, attach, check_attachable, detach, driver_of
 from ._state import GradVacState, from_plain, to_plain
 
 __all__ = ["FSDPGradVac", "fsdp_backward", "is_fsdp2", "register_fsdp"]
@@ -103,20 +104,60 @@ def _register(model: nn.Module, state: GradVacState, reshard_between_passes: boo
         )
     if not isinstance(state, GradVacState):
         raise TypeError(f"register_fsdp(model, state): state must be a gradvac_dist.GradVacState, got {state!r}.")
-    if driver_of(model) is not None:
-        raise ValueError("GradVac is already registered on this model; register once (call handle.remove() first).")
-    if state._driver is not None:
-        raise ValueError(
-            "this GradVacState is already used by another model (DDP or FSDP2); create one GradVacState per model."
-        )
+    check_attachable(model, state)
     if state.strategy not in (None, "sharded"):
         raise ValueError(
             f"GradVacState(strategy={state.strategy!r}) is a DDP setting; under FSDP2 each task's gradient is always "
             "reduce-scattered by FSDP. Leave strategy=None."
         )
-    handle = FSDPGradVac(model, state, reshard_between_passes=reshard_between_passes)
+    handle = FSDPGradVac(model, state, _bind(model, state), reshard_between_passes=reshard_between_passes)
     attach(model, handle)
     return handle
+
+
+class _Binding(NamedTuple):
+    """What registration found and checked: FSDP2's objects for the model's trainable parameters."""
+
+    modules: list[tuple[nn.Module, list[Any]]]  # every FSDP2 module under the model, with its parameter groups
+    fsdp_params: list[Any]  # by parameter index: FSDP's stable FSDPParam (it knows the sharded parameter)
+    members: list[list[int]]  # the parameter indices of each FSDP parameter group (reduced in one dtype)
+    param_names: list[str]
+    group: dist.ProcessGroup  # the mesh's group: the Gramians are summed over it
+    layout: BlockLayout
+    on_accelerator: bool  # FSDP's collectives run on an accelerator (the shards may be on the CPU)
+
+
+def _bind(model: nn.Module, state: GradVacState) -> _Binding:
+    """The registration checks of an FSDP2 model: torch's internals present, every trainable parameter
+    a DTensor sharded by FSDP2 on one 1-D mesh, the state's group that mesh's; and the block layout."""
+    compat.check_fsdp(model)
+    modules = compat.fsdp_param_groups(model)
+    params = _trainable(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    param_names = [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+    mesh_group = _mesh_group(params, param_names)
+    # FSDP swaps the module's parameters between the sharded DTensors and the unsharded tensors
+    # around forward and backward; its FSDPParam objects are stable and know the sharded one.
+    by_id = compat.fsdp_params_by_id(g for _, groups in modules for g in groups)
+    unmanaged = [n for n, p in zip(param_names, params) if id(p) not in by_id]
+    if unmanaged:
+        raise ValueError(
+            f"parameters {unmanaged[:5]} are not managed by FSDP2 under this model; call fully_shard on the root "
+            "module (after the per-layer calls) and register that root."
+        )
+    fsdp_params = [by_id[id(p)] for p in params]
+    index = {id(fp): i for i, fp in enumerate(fsdp_params)}
+    members = [[index[id(fp)] for fp in group.fsdp_params if id(fp) in index] for _, gs in modules for group in gs]
+    if state.process_group is not None and _ranks(state.process_group) != _ranks(mesh_group):
+        raise ValueError(
+            f"GradVacState.process_group has ranks {_ranks(state.process_group)} but the model is sharded over "
+            f"ranks {_ranks(mesh_group)}; the Gramians must be summed over the FSDP shard group. Leave "
+            "process_group=None to use the mesh's group."
+        )
+    # block sizes are global: rank- and world-size-independent, checked on every step and load
+    layout = layout_of(model, params, state.grouping, state.shared_params)
+    on_accelerator = params[0].device_mesh.device_type != "cpu"
+    return _Binding(modules, fsdp_params, members, param_names, mesh_group, layout, on_accelerator)
 
 
 def _group_for_failure(model: nn.Module, state: Any) -> dist.ProcessGroup | None:
@@ -205,46 +246,19 @@ class FSDPGradVac(Driver):
     so any world size may resume.
     """
 
-    def __init__(self, model: nn.Module, state: GradVacState, *, reshard_between_passes: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, state: GradVacState, binding: _Binding, *, reshard_between_passes: bool = False
+    ) -> None:
         super().__init__(model, state)
         self.reshard_between_passes = reshard_between_passes
-        compat.check_fsdp(model)
+        self._modules = binding.modules
+        self._fsdp_params = binding.fsdp_params
+        self._on_accelerator = binding.on_accelerator
+        self.param_names = binding.param_names
+        self.layout: BlockLayout = binding.layout
+        self.engine = Engine(state, binding.group, self.layout, self.param_names, "fsdp2")
+        self._accumulation = _Accumulation(binding.fsdp_params, binding.members, state.num_tasks)
         self._plan: _Plan | None = None
-        #: every FSDP2 module under the model, with its parameter groups
-        self._modules = compat.fsdp_param_groups(model)
-        #: while gradient sync is off: per task, per parameter, the local gradient sums FSDP has not reduced
-        self._local: list[list[Tensor | None]] | None = None
-        params = _trainable(model)
-        names = {id(p): n for n, p in model.named_parameters()}
-        self.param_names = [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
-        mesh_group = _mesh_group(params, self.param_names)
-        # FSDP swaps the module's parameters between the sharded DTensors and the unsharded tensors
-        # around forward and backward; its FSDPParam objects are stable and know the sharded one.
-        by_id = compat.fsdp_params_by_id(g for _, groups in self._modules for g in groups)
-        unmanaged = [n for n, p in zip(self.param_names, params) if id(p) not in by_id]
-        if unmanaged:
-            raise ValueError(
-                f"parameters {unmanaged[:5]} are not managed by FSDP2 under this model; call fully_shard on the root "
-                "module (after the per-layer calls) and register that root."
-            )
-        self._fsdp_params = [by_id[id(p)] for p in params]
-        index = {id(fp): i for i, fp in enumerate(self._fsdp_params)}
-        #: the parameter indices of each FSDP parameter group (FSDP reduces a group in one dtype)
-        self._members = [
-            [index[id(fp)] for fp in group.fsdp_params if id(fp) in index] for _, gs in self._modules for group in gs
-        ]
-        # FSDP's collectives run on this device type (the shards may live on the CPU with offloading)
-        self._on_accelerator = params[0].device_mesh.device_type != "cpu"
-        # The Gramians are summed over the mesh's group; a process_group given to the state must be it.
-        if state.process_group is not None and _ranks(state.process_group) != _ranks(mesh_group):
-            raise ValueError(
-                f"GradVacState.process_group has ranks {_ranks(state.process_group)} but the model is sharded over "
-                f"ranks {_ranks(mesh_group)}; the Gramians must be summed over the FSDP shard group. Leave "
-                "process_group=None to use the mesh's group."
-            )
-        self.layout: BlockLayout = layout_of(model, params, state.grouping, state.shared_params)
-        # block sizes are global: rank- and world-size-independent, checked on every step and load
-        self.engine = Engine(state, mesh_group, self.layout, self.param_names, "fsdp2")
 
     # -- identity ------------------------------------------------------------------------------------
     @property
@@ -288,7 +302,7 @@ class FSDPGradVac(Driver):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads :meth:`state_dict`'s output (also after ``dcp.load``); checks it whole, changes nothing on error."""
         loaded = from_plain(state_dict)
-        if self._local is not None:
+        if self._accumulation.active:
             raise RuntimeError(
                 "load_state_dict between micro-batches of gradient accumulation (gradient sync off): finish the "
                 "step first."
@@ -296,15 +310,18 @@ class FSDPGradVac(Driver):
         self.state.load_state_dict(loaded)
 
     # -- the step ----------------------------------------------------------------------------------
-    def backward(self, losses: Sequence[Tensor], sync: bool | None = None) -> None:
-        """One GradVac step on the model (see the class docstring); ``gradvac_dist.backward`` calls this.
+    def backward(self, losses: Sequence[Tensor] | Tensor, sync: bool | None = None) -> None:
+        """One GradVac step on the model (see the class docstring), as ``gradvac_dist.backward(model, losses)``.
 
         ``sync`` follows the model's ``set_requires_gradient_sync`` when left ``None``; with gradient
         sync off, the call accumulates a micro-batch without communication. An explicit ``sync`` that
         contradicts that switch raises.
         """
-        state, m = self.state, self.state.num_tasks
-        losses = check_losses(losses)
+        self.step(check_losses(losses), sync)
+
+    def step(self, losses: Sequence[Tensor], sync: bool | None) -> None:
+        """:meth:`backward` on losses :func:`~gradvac_dist._checks.check_losses` has checked (once a step)."""
+        state = self.state
         model = self.module
         sync_on = compat.gradient_sync_enabled(g for _, gs in self._modules for g in gs)
         if sync_on is None:
@@ -320,7 +337,7 @@ class FSDPGradVac(Driver):
             )
         if sync_on:
             self.engine.agree(len(losses))
-        losses = check_losses(losses, m)
+        check_loss_count(len(losses), state.num_tasks)
         if compat.is_root(model) is None:
             raise RuntimeError(
                 "backward(fsdp_model, losses) before any forward: run the model's forward first (FSDP2 sets up "
@@ -332,26 +349,25 @@ class FSDPGradVac(Driver):
                 "to gradvac_dist.backward) the outermost module given to fully_shard, the one you call forward on."
             )
         plan = self._current_plan()
+        accumulation = self._accumulation
         if not sync_on:
-            self._passes(losses, lambda task: self._keep_local(task))
+            self._passes(losses, accumulation.keep)
             return
-        prior = [p.grad for p in plan.params]
-        for p in plan.params:
-            p.grad = None
+        prior = _grads.set_aside(plan.params)
         done = False
         try:
-            self._passes(losses, lambda task: self._take(plan, task), before=self._hand_back_local)
+            self._passes(losses, lambda task: self._take(plan, task), before=accumulation.hand_back)
             done = True
         finally:
-            self._local = None
+            accumulation.reset()
             if not done:
                 plan.reached[:] = [False] * len(plan.params)
-                for p, g in zip(plan.params, prior):
-                    p.grad = g
+                _grads.put_back(plan.params, prior)
         with state.counters.phase("step"):
             outcome = self.engine.step([Piece(plan.stash, plan.segments, plan.param_segments)])
             with state.counters.phase("combine"):
-                self._write_grads(plan, prior, outcome.coefficients)
+                self._write_grads(plan, outcome.coefficients)
+                _grads.add_back(plan.params, prior)
         self.engine.finish(outcome)
 
     def _passes(
@@ -379,36 +395,6 @@ class FSDPGradVac(Driver):
                 module.set_reshard_after_backward(value, recurse=False)
             model.set_is_last_backward(saved_last)
 
-    def _keep_local(self, task: int) -> None:
-        """Gradient sync off: moves the pass's unreduced local gradients into task ``task``'s sums."""
-        if self._local is None:
-            self._local = [[None] * len(self._fsdp_params) for _ in range(self.state.num_tasks)]
-        sums = self._local[task]
-        with torch.no_grad():
-            for i, fp in enumerate(self._fsdp_params):
-                grad = compat.take_unsharded_grad(fp)
-                if grad is not None:
-                    sums[i] = grad if sums[i] is None else sums[i].add_(grad)
-
-    def _hand_back_local(self, task: int) -> None:
-        """Before pass ``task`` of the step: gives FSDP that task's accumulated local gradients, which the
-        pass adds to and reduce-scatters with its own (so accumulation costs no communication)."""
-        if self._local is None:
-            return
-        sums = self._local[task]
-        for members in self._members:
-            given = [i for i in members if sums[i] is not None]
-            if not given:
-                continue
-            # FSDP reduce-scatters a group in one dtype: where it accumulates in another dtype than the
-            # fresh gradients have, every member gets an accumulated gradient (zeros if none).
-            acc_dtype, fresh_dtype = compat.accumulation_dtypes(self._fsdp_params[given[0]])
-            for i in members if acc_dtype != fresh_dtype else given:
-                fp = self._fsdp_params[i]
-                grad = compat.zeros_unsharded(fp, acc_dtype) if sums[i] is None else sums[i].to(acc_dtype)
-                compat.give_unsharded_grad(fp, grad)
-                sums[i] = None
-
     def _take(self, plan: _Plan, task: int) -> None:
         """Moves pass ``task``'s reduce-scattered shards from ``.grad`` into stash row ``task`` (one batched copy)."""
         if self._on_accelerator:
@@ -434,29 +420,25 @@ class FSDPGradVac(Driver):
                 # Freeing the shard now is safe on an accelerator too: its memory belongs to FSDP's
                 # reduce-scatter stream, which waits for this stream (so for the copy issued below)
                 # before its next reduction can reuse it.
-                p.grad = None
+                _grads.drop(p)
             if dst:
                 compat.foreach_copy_(dst, src)
             if zero:
                 compat.foreach_zero_(zero)
 
-    def _write_grads(self, plan: _Plan, prior: list[Tensor | None], coef: Tensor) -> None:
-        """Combines the local shards and writes them into ``.grad`` as sharded DTensors."""
-        stash = plan.stash
-        flat = combine(stash, coef, plan.segments)
+    def _write_grads(self, plan: _Plan, coef: Tensor) -> None:
+        """Combines the local shards and writes them into ``.grad`` as sharded DTensors (the set-aside
+        gradients are added back by the caller)."""
+        flat = combine(plan.stash, coef, plan.segments)
         with torch.no_grad():
             for i, p in enumerate(plan.params):
-                old = prior[i]
-                if not plan.reached[i] and old is None:
+                if not plan.reached[i]:
                     continue  # no task reached it: .grad stays None, as after loss.backward()
                 local = flat[plan.offsets[i] : plan.offsets[i + 1]].view(plan.local_shapes[i])
                 if local.dtype != p.dtype:
                     local = local.to(p.dtype)
-                if old is not None:
-                    old.to_local().add_(local)
-                    p.grad = old
-                else:  # the DTensor FSDP itself would build: the parameter's spec (mesh, placements, shape)
-                    p.grad = compat.sharded_grad(p, local)
+                # the DTensor FSDP itself would build: the parameter's spec (mesh, placements, shape)
+                _grads.put(p, compat.sharded_grad(p, local))
         plan.reached[:] = [False] * len(plan.params)
 
     # -- plan ----------------------------------------------------------------------------------------
@@ -477,6 +459,57 @@ class FSDPGradVac(Driver):
         return self._plan
 
 
+class _Accumulation:
+    """Gradient accumulation under ``set_requires_gradient_sync(False)``: per task, per parameter, the
+    local (unreduced) gradient sums FSDP has not reduced, handed back to FSDP in the step's passes."""
+
+    __slots__ = ("fsdp_params", "members", "num_tasks", "sums")
+
+    def __init__(self, fsdp_params: Sequence[Any], members: list[list[int]], num_tasks: int) -> None:
+        self.fsdp_params = fsdp_params
+        self.members = members
+        self.num_tasks = num_tasks
+        self.sums: list[list[Tensor | None]] | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether micro-batches are pending (between a ``sync=False`` call and the step)."""
+        return self.sums is not None
+
+    def reset(self) -> None:
+        self.sums = None
+
+    def keep(self, task: int) -> None:
+        """Gradient sync off, after pass ``task``: moves its unreduced local gradients into that task's sums."""
+        if self.sums is None:
+            self.sums = [[None] * len(self.fsdp_params) for _ in range(self.num_tasks)]
+        sums = self.sums[task]
+        with torch.no_grad():
+            for i, fp in enumerate(self.fsdp_params):
+                grad = compat.take_unsharded_grad(fp)
+                if grad is not None:
+                    sums[i] = grad if sums[i] is None else sums[i].add_(grad)
+
+    def hand_back(self, task: int) -> None:
+        """Before pass ``task`` of the step: gives FSDP that task's accumulated local gradients, which the
+        pass adds to and reduce-scatters with its own (so accumulation costs no communication)."""
+        if self.sums is None:
+            return
+        sums = self.sums[task]
+        for members in self.members:
+            given = [i for i in members if sums[i] is not None]
+            if not given:
+                continue
+            # FSDP reduce-scatters a group in one dtype: where it accumulates in another dtype than the
+            # fresh gradients have, every member gets an accumulated gradient (zeros if none).
+            acc_dtype, fresh_dtype = compat.accumulation_dtypes(self.fsdp_params[given[0]])
+            for i in members if acc_dtype != fresh_dtype else given:
+                fp = self.fsdp_params[i]
+                grad = compat.zeros_unsharded(fp, acc_dtype) if sums[i] is None else sums[i].to(acc_dtype)
+                compat.give_unsharded_grad(fp, grad)
+                sums[i] = None
+
+
 def _build_plan(params: Sequence[nn.Parameter], layout: BlockLayout, m: int) -> _Plan:
     locals_ = [p.to_local() for p in params]
     device = locals_[0].device
@@ -494,10 +527,7 @@ def _build_plan(params: Sequence[nn.Parameter], layout: BlockLayout, m: int) -> 
         if stop == start:
             continue  # an empty shard (a parameter with fewer dim-0 rows than ranks)
         param_segments.append((i, start, stop))
-        if segments and segments[-1][0] == block and segments[-1][2] == start:
-            segments[-1] = (block, segments[-1][1], stop)
-        else:
-            segments.append((block, start, stop))
+        append_segment(segments, block, start, stop)
     stash = torch.zeros((m, offsets[-1]), dtype=dtype, device=device)
     shapes = tuple(t.shape for t in locals_)
     views = [
@@ -562,4 +592,4 @@ def fsdp_backward(model: nn.Module, losses: Sequence[Tensor], sync: bool | None 
             "handle = gradvac_dist.register_fsdp(model, gradvac_dist.GradVacState(num_tasks=m)). Register the root "
             "module (the one you call fully_shard on last)."
         )
-    handle.backward(losses, sync=sync)
+    handle.step(losses, sync)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import _grads
 from . import _torch_compat as compat
 from ._aggregator import GramianAggregator
 from ._blocks import layout_of
@@ -29,10 +30,9 @@ def task_jacobian(losses: Sequence[Tensor], params: Sequence[nn.Parameter]) -> T
     """The ``[m, n]`` matrix of per-task gradients of ``params``, flattened in order.
 
     One ``torch.autograd.grad`` pass per task (graph retained between them); a parameter a task
-    does not reach gets zeros. A single batched backward (``is_grads_batched=True``) was measured
-    slower on CPU, 1 thread, an MLP trunk with one head per task, batch 64: m=3, width 512:
-    11.0 ms (m passes) vs 14.7 ms (batched); m=10: 28.6 vs 43.5 ms; m=3, width 2048: 240 vs 269 ms.
-    It also fails on ops without a batching rule.
+    does not reach gets zeros. A single batched backward (``is_grads_batched=True``) is slower on
+    the CPU for the models tried (docs/design.md, "Thresholds") and fails on ops without a
+    batching rule.
     """
     m, n = len(losses), sum(p.numel() for p in params)
     dtype = params[0].dtype
@@ -87,11 +87,7 @@ def local_backward(
         raise NonFiniteGradientError(nonfinite_message(task, name), task, name) from err
     offset = 0
     for p in params:
-        g = aggregated[offset : offset + p.numel()].view_as(p)
-        if p.grad is None:
-            p.grad = g.to(p.dtype, copy=True)  # its own storage, in the parameter's dtype
-        else:
-            p.grad.add_(g.to(p.dtype))
+        _grads.accumulate(p, aggregated[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
 
 

@@ -24,9 +24,8 @@ __all__ = ["SCALAR_STAGE_MAX_VISITS", "GradVacStepResult", "StepWorkspace", "dra
 #: Up to this many visits (``K m (m - 1)``) a float64 step on the CPU runs as plain Python float
 #: arithmetic, the same formulas visit by visit; above it, as the vectorised torch loop. The torch
 #: loop dispatches about a dozen ops per visit step whatever the size; the scalar loop costs a few
-#: microseconds per visit. Measured on the idle 2-core development machine (1 thread): m=3, K=1:
-#: 0.04 ms against 0.43 ms; m=3, K=16 (96 visits): 0.33 against 0.44 ms; m=3, K=40 (240 visits):
-#: 0.79 against 0.47 ms; m=10, K=40: 7.4 against 0.8 ms.
+#: microseconds per visit, so it wins for few visits and loses for many; this is where the two
+#: cross on a CPU (timings: docs/design.md, "Thresholds"; ``python -m benchmarks core``).
 SCALAR_STAGE_MAX_VISITS = 128
 
 
@@ -61,9 +60,8 @@ class StepWorkspace:
     A step of the vectorised stage needs about ten ``[m-1, m, K]`` working arrays (16 MB each at
     m=64, K=500) that nothing outside it sees. Allocated fresh every step, host memory may cost a
     pass of page faults to map them and another to unmap them, depending on what else the process
-    allocates: on the 2-core development machine at that size, a kept workspace made the stage
-    0.69x-0.72x as long with nothing run between steps, and changed nothing where other large
-    allocations kept the heap warm. A workspace keeps them (``nbytes`` says how
+    allocates (a kept workspace shortens the stage when nothing else keeps the heap warm, and
+    changes nothing when something does: docs/design.md, "Thresholds"). A workspace keeps them (``nbytes`` says how
     much) and hands them back when the next step has the same ``m``, ``K``, dtype and device,
     overwriting every element before it is read, so results never depend on what a buffer held.
     The arrays a step returns are always fresh. Not shared between threads; pickled and copied
@@ -369,7 +367,7 @@ def _blocks_last(x: Tensor, out: Tensor) -> Tensor:
     """Copies ``x`` (``[K, m, m]``) into ``out`` (``[m, m, K]``, contiguous) and returns ``out``.
 
     A packed ``x`` is copied as the transpose of a ``[K, m m]`` matrix: torch copies that 2-D
-    transpose about three times as fast as the 3-D permutation (m=64, K=500: 5 vs 15 ms). A view of
+    transpose several times as fast as the 3-D permutation. A view of
     blocks-last storage (the targets a step returned) is a plain copy either way.
     """
     num_blocks = x.shape[0]
@@ -413,8 +411,7 @@ def _step(
         return x.view(m, m, num_blocks).permute(2, 0, 1)
 
     # Exact symmetry: rounding can break it slightly. One strided copy, then a sum of contiguous
-    # rows (adding two permuted views strides through both: 4.8 vs 4.1 ms at m=64, K=500 with 2 threads,
-    # 10.1 vs 7.2 ms with 1).
+    # rows (adding two permuted views would stride through both, which is slower).
     raw = _blocks_last(gramians, work("raw", (m, m, num_blocks)))
     gram = torch.add(raw, raw.transpose(0, 1), out=work("gram", (m, m, num_blocks))).mul_(0.5).view(m * m, num_blocks)
     # a copy of its own, updated in place below into the new targets (returned: fresh)
@@ -457,8 +454,7 @@ def _step(
     eps_t = torch.full((), eps, dtype=dtype, device=device)
     one = torch.ones((), dtype=dtype, device=device)
     # One scratch buffer for the per-visit gathers (the raw Gramians' copy, done with): a fresh
-    # allocation per visit costs more than the gather itself (page faults: measured 7 ms vs 1.3 ms
-    # per visit at m=64, K=500).
+    # allocation per visit costs more than the gather itself (page faults on large K m m).
     scratch = raw.view(m * m, num_blocks)
 
     # Per-visit views, made once (indexing in the loop would dispatch one select per tensor per visit).

@@ -54,7 +54,6 @@ __all__ = [
     "check_fsdp",
     "ddp_of_sink",
     "ddp_parameters",
-    "foreach_add_",
     "foreach_copy_",
     "foreach_zero_",
     "fsdp_param_groups",
@@ -298,14 +297,6 @@ def foreach_copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
     else:
         for d, s in zip(dst, src):
             d.copy_(s)
-
-
-def foreach_add_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
-    if hasattr(torch, "_foreach_add_") and all(d.dtype == s.dtype for d, s in zip(dst, src)):
-        torch._foreach_add_(list(dst), list(src))
-    else:
-        for d, s in zip(dst, src):
-            d.add_(s)
 
 
 def foreach_zero_(tensors: Sequence[Tensor]) -> None:

@@ -84,4 +84,4 @@ def test_goal_cases_print_one_row_each_with_a_verdict(tmp_path, capsys):
             assert cells[7] == "PASS", row
         phases = cells[9].split(" / ")
         assert len(phases) == 4 and (phases[1] == "-") == cells[0].endswith("W=1")
-    assert "Speed goal (issue 12)" in out
+    assert "Step-time goal: GradVac-DDP sharded (e)" in out

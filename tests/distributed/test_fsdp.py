@@ -105,7 +105,7 @@ def test_misuse_fails_loudly(run):
         "not_sharded": ("ValueError", "needs a module sharded with FSDP2"),
         "not_registered": ("ValueError", "needs GradVac registered on this FSDP2 model first"),
         "registered_twice": ("ValueError", "already registered on this model"),
-        "shared_state": ("ValueError", "already used by another model"),
+        "shared_state": ("ValueError", "already used by another DDP module or FSDP2 model"),
         "wrong_count": ("ValueError", "got 2 losses but GradVacState(num_tasks=3)"),
         "aggregator_given": ("ValueError", "drop the aggregator argument"),
         "sync_contradicts_switch": ("ValueError", "contradicts the model's set_requires_gradient_sync(False)"),

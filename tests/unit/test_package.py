@@ -105,3 +105,36 @@ def test_private_torch_names_appear_only_in_torch_compat():
     assert {"_get_fsdp_state", "_comm_hooks", "_orig_mod", "_join_config"} <= _private_torch_names(
         trees["_torch_compat"], own
     )
+
+
+def _grad_writes(tree: ast.AST) -> list[int]:
+    """Lines that assign ``x.grad = ...`` or add into ``x.grad`` in place (``x.grad.add_(...)``)."""
+    lines = []
+    for node in ast.walk(tree):
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AugAssign) else []
+        )
+        if any(isinstance(t, ast.Attribute) and t.attr == "grad" for t in targets):
+            lines.append(node.lineno)
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr.endswith("_")
+            and isinstance(node.func.value, ast.Attribute)
+            and node.func.value.attr == "grad"
+        ):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_only_grads_writes_param_grad():
+    trees = _trees()
+    # FSDP2's own unsharded parameters are FSDP's business (a private slot, in _torch_compat).
+    found = {
+        name: lines
+        for name, tree in trees.items()
+        if name not in ("_grads", "_torch_compat")
+        if (lines := _grad_writes(tree))
+    }
+    assert not found, f"param.grad written outside _grads.py (module: lines): {found}"
+    assert len(_grad_writes(trees["_grads"])) >= 5  # the detector sees the writes where they are
