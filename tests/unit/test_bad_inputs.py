@@ -1,8 +1,9 @@
-"""Every bad input we know of on the single-process public API, one test per row of README's table.
+"""Every bad input we know of on the single-process public API, one test per row of the table in
+docs/reliability.md.
 
-`python -m tests.unit.test_bad_inputs` prints the markdown rows; `test_readme_lists_every_case`
-keeps README.md in step with this table. Distributed misuse (DDP/FSDP) is tested in the
-distributed suite and listed in README under its own rows.
+`python -m tests.unit.test_bad_inputs` prints the markdown rows; `test_docs_list_every_case`
+keeps docs/reliability.md in step with this table. Distributed misuse (DDP/FSDP) is tested in the
+distributed suite and listed in docs/reliability.md under its own rows.
 """
 
 from __future__ import annotations
@@ -363,11 +364,11 @@ def markdown_rows() -> list[str]:
     return [f"| `{c.api}` | {c.bad_input} | `{c.error.__name__}`: {c.message} |" for c in CASES]
 
 
-def test_readme_lists_every_case():
-    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
-    missing = [row for row in markdown_rows() if row not in readme]
+def test_docs_list_every_case():
+    page = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "reliability.md").read_text()
+    missing = [row for row in markdown_rows() if row not in page]
     assert not missing, (
-        "README's bad-input table is out of date; regenerate it with "
+        "The bad-input table in docs/reliability.md is out of date; regenerate it with "
         "`python -m tests.unit.test_bad_inputs`:\n" + "\n".join(missing)
     )
 
