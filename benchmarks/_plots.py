@@ -168,7 +168,7 @@ def draw_ddp_bytes(results: Results, path: Path) -> None:
     measured = Line2D([], [], ls="none", marker="o", mfc="none", ms=11, color="k")
     _legend_below(fig, axes[0][0], last=[(measured, "measured: bytes each rank wrote to its sockets")])
     fig.suptitle(
-        "Bytes sent per rank per step: lines = counted payload as ring-algorithm bytes (= the README's formula), "
+        "Bytes sent per rank per step: lines = counted payload as ring-algorithm bytes (= the documented formula), "
         "hollow markers = measured; (a), (c), (d) coincide at W=2",
         fontsize=11,
     )

@@ -21,7 +21,7 @@ steps of the slowest rank's step time (forward, backward pass(es), SGD step) for
 Step-time goal (against the m-pass DDP step): a GradVac-DDP step <= 1.05x (a), <= 1.15x on one rank, where no communication
 hides anything. Bytes each rank sends per step, three ways: the payload
 handed to the collectives (``GradVacState.counters``; for DDP's own buckets and the naive
-all-gather the same quantity counted here) turned into ring-algorithm bytes; the README's cost
+all-gather the same quantity counted here) turned into ring-algorithm bytes; the documented cost
 formula; and MEASURED around N steps of each variant, two ways: the loopback interface's transmit
 counter (``/proc/net/dev``, ``lo``) divided by ranks and steps, which counts all of the machine's
 loopback traffic (clean only on an otherwise idle machine), and the bytes each rank's process wrote
@@ -436,17 +436,22 @@ def ring_bytes(payload: dict[str, int], world: int) -> float:
 
 
 def formula_bytes(key: str, n: int, world: int, m: int = M, num_blocks: int = 1) -> float:
-    """The README's cost per rank and step in bytes: float32 gradients, and the float64 all-reduce of
-    K m^2 Gramian entries, m non-finite flags and the 4 entries of the rank fingerprint."""
+    """The documented cost per rank and step in bytes: float32 gradients, and the float64 all-reduce of
+    K m^2 Gramian entries, m non-finite flags and the 4 entries of the rank fingerprint, and the
+    all-reduce of the W input-check flags; a Gramian
+    weighting (f) adds the all-reduce of its K m weights and W failure flags (the first rank's
+    weights, shared)."""
     f = (world - 1) / world
     gram = 2 * (num_blocks * m * m + m + 4) * 8 * f
+    weights = 2 * (num_blocks * m + world) * 8 * f
+    inputs = 2 * world * 8 * f  # every rank's input-check flag, before a step's passes
     return {
         "a": m * 2 * n * f * 4,  # m all-reduces of n
         "b": 2 * n * f * 4,  # one all-reduce of n
         "c": m * n * (world - 1) * 4,  # all-gather of every rank's m x n
-        "d": 2 * m * n * f * 4 + gram,  # ~2mn(W-1)/W
-        "e": (m + 1) * n * f * 4 + gram,  # ~(m+1)n(W-1)/W
-        "f": (m + 1) * n * f * 4 + gram,  # the same transport as (e)
+        "d": 2 * m * n * f * 4 + gram + inputs,  # ~2mn(W-1)/W
+        "e": (m + 1) * n * f * 4 + gram + inputs,  # ~(m+1)n(W-1)/W
+        "f": (m + 1) * n * f * 4 + gram + inputs + weights,  # the transport of (e), and the shared weights
     }[key]
 
 
@@ -467,7 +472,7 @@ class Summary:
     max_ms: dict[str, float]
     paired: dict[str, float]  # median over rounds of the ratio to (a)'s step of the same round; {} without (a)
     ring_bytes: dict[str, float]  # payload counters turned into ring-algorithm bytes
-    formula_bytes: dict[str, float]  # the README's cost formula
+    formula_bytes: dict[str, float]  # the documented cost formula
     rank_bytes: dict[str, float]  # measured: bytes each rank's process wrote to its sockets, mean over ranks
     lo_bytes: dict[str, float]  # measured: the loopback interface's tx counter / ranks (whole machine)
     stash_bytes: dict[str, int]

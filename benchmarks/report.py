@@ -156,7 +156,7 @@ def _time_table(results: Results) -> Table:
 def _bytes_table(results: Results) -> Table:
     table = Table(
         "DDP sweeps: MB sent per rank per step, counted (payload of every collective turned into ring-algorithm "
-        "bytes, = the README's formula) / measured (bytes each rank's process wrote to its sockets)",
+        "bytes, = the documented formula) / measured (bytes each rank's process wrote to its sockets)",
         ["sweep", "m", "n", "W", *(DDP_SHORT[k] for k in DDP_KEYS)],
     )
     for sweep in ("m", "n", "W"):
@@ -169,7 +169,7 @@ def _bytes_table(results: Results) -> Table:
     diffs = [v for _, s in results.ddp for v in s.diff.values()]
     corrections = sum(v for _, s in results.ddp for v in s.corrections.values())
     table.notes += [
-        "counted == the README's formula in every cell (up to (e)'s shard padding; checked by "
+        "counted == the documented formula in every cell (up to (e)'s shard padding; checked by "
         "tests/benchmarks/test_bench_ddp.py); measured adds gloo's own headers and whatever its algorithms send "
         "beyond a ring",
         "W=1 sends nothing (every collective is local)",

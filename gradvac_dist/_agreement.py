@@ -1,6 +1,6 @@
 """Rank agreement: what every rank must hold identically, proven across the ranks.
 
-Two checks; each raises on every rank at once, because every rank decides from the same reduced
+Three checks; each raises on every rank at once, because every rank decides from the same reduced
 numbers.
 
 - :func:`check_agreement`, once, at a driver's first synchronising step (and at FSDP2
@@ -14,6 +14,9 @@ numbers.
   not even build its settings (a bad argument on that rank only) takes part all the same, so the
   others raise instead of waiting for it. A later ``load_state_dict`` changes only the
   trajectory, which the fingerprint below covers at the next step.
+- :func:`check_step_inputs`, at every later synchronising step, before the passes: whether every
+  rank's inputs passed their checks (one all-reduce of W flags), so a loss refused on one rank
+  raises on all of them instead of leaving the others waiting in the first pass's reductions.
 - The per-step *fingerprint* of the trajectory (targets, generator state, step count), carried by
   the Gramian all-reduce at no extra collective: :data:`CHANNELS` integers ``f_c < 2^k`` enter as
   ``f_c`` and ``f_c^2``; after the SUM over ``W`` ranks, ``W * sum(f^2) == (sum f)^2`` iff every
@@ -34,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._comm import CommCounters, extrema
+from ._comm import CommCounters, all_reduce_sum, collective_device, extrema, world_of
 
 __all__ = [
     "CHANNELS",
@@ -132,8 +135,8 @@ def check_agreement(
         raise local_error
     if high[0] != low[0]:
         raise RuntimeError(
-            "GradVac could not be set up on another rank (that rank's error says why); this rank stops too, "
-            "so that no rank waits for the others."
+            "GradVac could not be set up on another rank, or refused this step's inputs there (that rank's error "
+            "says why); this rank stops too, so that no rank waits for the others."
         )
     if high == low:
         return
@@ -153,6 +156,29 @@ def check_agreement(
         + ". Every rank must build the same model and GradVacState (num_tasks, grouping, strategy, shared_params, "
         "beta, eps, seed, on_nonfinite), pass the same number of losses, and load the same checkpoint."
     )
+
+
+def check_step_inputs(
+    local_error: BaseException | None, group: dist.ProcessGroup | None, counters: CommCounters
+) -> None:
+    """Raises on every rank unless every rank's inputs to this step passed their checks.
+
+    One SUM all-reduce of W flags (rank ``r`` sets entry ``r`` when ``local_error`` is set), read on
+    the host; the failing rank re-raises its own error, the others a ``RuntimeError`` naming it.
+    """
+    rank, world = world_of(group)
+    flags = torch.zeros(world, dtype=torch.float64)
+    flags[rank] = float(local_error is not None)
+    on_wire = flags.to(collective_device(group))  # NCCL reduces device tensors; gloo, host ones
+    all_reduce_sum(on_wire, group, counters, "input_all_reduce")
+    failed = on_wire.nonzero().flatten().tolist()
+    if local_error is not None:
+        raise local_error
+    if failed:
+        raise RuntimeError(
+            f"GradVac refused this step's inputs on rank(s) {failed} (their error says why); this rank stops too, "
+            "so that no rank waits for the others in the backward passes. Nothing was changed on any rank."
+        )
 
 
 def payload_size(settings: Sequence[Setting]) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -62,8 +63,10 @@ def backward(
             once, on the accumulated per-task gradients. An explicit value that contradicts the
             wrapper's switch raises.
     """
-    losses = check_losses(losses)
     model = compat.unwrap_compiled(model)
+    # The distributed paths check the losses themselves, so that every rank learns of a bad one.
+    if not (is_ddp(model) or is_fsdp2(model)):
+        losses = check_losses(losses)
     with _autocast_off(losses):
         _dispatch(model, losses, aggregator, grouping, shared_params, sync)
 
@@ -73,10 +76,13 @@ def backward(
 _AUTOCAST_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla")
 
 
-def _autocast_off(losses: Sequence[Tensor]) -> contextlib.AbstractContextManager[None]:
+def _autocast_off(losses: Any) -> contextlib.AbstractContextManager[None]:
     """Autocast off for every device type it is on for (the known ones and the losses' devices)."""
     stack = contextlib.ExitStack()
-    for device_type in dict.fromkeys((*_AUTOCAST_TYPES, *(loss.device.type for loss in losses))):
+    devices = [loss.device.type for loss in losses if isinstance(loss, Tensor)] if isinstance(losses, Sequence) else []
+    if isinstance(losses, Tensor):
+        devices = [losses.device.type]
+    for device_type in dict.fromkeys((*_AUTOCAST_TYPES, *devices)):
         try:
             enabled = torch.is_autocast_enabled(device_type)
         except RuntimeError:  # a device type autocast does not know
@@ -88,7 +94,7 @@ def _autocast_off(losses: Sequence[Tensor]) -> contextlib.AbstractContextManager
 
 def _dispatch(
     model: nn.Module,
-    losses: list[Tensor],
+    losses: Any,
     aggregator: GramianAggregator | None,
     grouping: str,
     shared_params: Iterable[nn.Parameter] | None,

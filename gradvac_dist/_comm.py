@@ -29,7 +29,7 @@ class CommCounters:
     ``"task_all_reduce"``, ``"task_reduce_scatter"``, ``"result_all_gather"``. The payload is the
     size of the tensor given to the collective on this rank (the input of an all-reduce or a
     reduce-scatter, the output of an all-gather); the bytes a ring algorithm sends per rank
-    follow from it (see the README's cost table). ``calls["skipped_step"]`` counts steps left out
+    follow from it (see the cost table in docs/usage.md). ``calls["skipped_step"]`` counts steps left out
     because a task gradient was not finite.
 
     With ``timing = True`` (off by default: it costs two clock reads per phase), ``seconds[phase]``

@@ -20,6 +20,7 @@ the per-task reductions, the hook, and the driving of the passes.
 import enum
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import _grads
 from . import _torch_compat as compat
 from ._blocks import BlockLayout, Segment, combine, layout_of, segments_of_range
-from ._checks import check_loss_count, graph_nodes
+from ._checks import check_loss_count, check_losses, graph_nodes, reject_sparse
 from ._comm import (
     CommCounters,
     PendingReduce,
@@ -79,6 +80,9 @@ def gradvac_hook(state: GradVacState, bucket: dist.GradBucket) -> torch.futures.
     - ``"sharded"`` (default): m reduce-scatters and one all-gather: about ``(m+1) n (W-1)/W``, plus
       ``K m^2``. On gloo each reduce-scatter is an ``all_to_all_single`` plus a local sum, because
       gloo's own reduce-scatter sends the whole bucket.
+
+    Both strategies add, before the passes, one all-reduce of ``W`` flags (every rank's input
+    checks; the settings at the first step), so that a loss refused on one rank raises on all.
 
     Memory: the stash holds ``m n`` (replicated) or ``m n / W`` (sharded) elements per rank.
     """
@@ -251,13 +255,14 @@ class DDPGradVac(Driver):
         # required grad at its construction, and one frozen since then is still in a bucket (it gets no
         # gradient, lies outside every block, and its .grad stays None).
         params = compat.ddp_parameters(ddp)
+        names = {id(p): n for n, p in ddp.module.named_parameters()}
+        param_names = [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+        reject_sparse(ddp.module, params, param_names)
         self.trainable = tuple(p.requires_grad for p in params)
         self.layout: BlockLayout = _with_frozen(
             layout_of(ddp.module, [p for p in params if p.requires_grad], state.grouping, state.shared_params),
             params,
         )
-        names = {id(p): n for n, p in ddp.module.named_parameters()}
-        param_names = [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
         self.engine = Engine(state, group, self.layout, param_names, self.strategy)
         self.index_of = {id(p): (b, i) for i, (p, b) in enumerate(zip(params, self.layout.param_blocks))}
         self.plans: dict[int, _BucketPlan] = {}
@@ -531,7 +536,7 @@ def _find_state(ddp: DistributedDataParallel) -> GradVacState:
     return state
 
 
-def _bind(ddp: DistributedDataParallel, losses: Sequence[Tensor]) -> DDPGradVac:
+def _bind(ddp: DistributedDataParallel) -> DDPGradVac:
     """The first step of a DDP module: finds its state, checks the configuration, attaches a runtime.
 
     A rank that fails here still takes part in the rank agreement (see ``_agreement.py``), so that
@@ -542,7 +547,6 @@ def _bind(ddp: DistributedDataParallel, losses: Sequence[Tensor]) -> DDPGradVac:
         state = _find_state(ddp)
         check_ddp_configuration(ddp)
         runtime = DDPGradVac(state, ddp)
-        _refuse_other_ddp_modules(ddp, losses)
         attach(ddp, runtime)
     except (ValueError, TypeError, RuntimeError) as err:
         group = state.process_group if state is not None else None
@@ -566,7 +570,7 @@ def check_ddp_configuration(ddp: DistributedDataParallel) -> None:
     compat.check_ddp(ddp)
 
 
-def _refuse_other_ddp_modules(ddp: DistributedDataParallel, losses: Sequence[Tensor]) -> None:
+def _refuse_other_ddp_modules(ddp: nn.Module, losses: Sequence[Tensor]) -> None:
     """At the first step: the losses must not also come through another DDP module's forward (chained
     DDP models), whose reducer would reduce only the first of the m passes. One walk of the graph."""
     for node in graph_nodes(losses):
@@ -579,7 +583,37 @@ def _refuse_other_ddp_modules(ddp: DistributedDataParallel, losses: Sequence[Ten
             )
 
 
-def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor], sync: bool | None = None) -> None:
+def _check_step(runtime: DDPGradVac, losses: Any, sync: bool | None, wrapper_sync: bool) -> tuple[list[Tensor], bool]:
+    """This step's input checks, each once: the losses, the trainable set, the sync switch; the
+    checked losses and whether the step synchronises."""
+    losses = check_losses(losses)
+    if not runtime.engine.agreed:  # until the first synchronising step: one walk of the graph
+        _refuse_other_ddp_modules(runtime.module, losses)
+    if tuple(p.requires_grad for p in runtime.params) != runtime.trainable:
+        changed = [
+            n for n, p, t in zip(runtime.engine.param_names, runtime.params, runtime.trainable) if p.requires_grad != t
+        ]
+        raise ValueError(
+            f"parameters {changed[:5]} were frozen or unfrozen after the first GradVac step: the blocks and DDP's "
+            "buckets were built for the trainable parameters then. Change requires_grad before wrapping the model, "
+            "or build a new DistributedDataParallel and GradVacState after changing it."
+        )
+    sync = wrapper_sync if sync is None else bool(sync)
+    if sync != wrapper_sync:
+        if sync:
+            raise ValueError(
+                "backward(ddp, losses, sync=True) inside `with ddp.no_sync():` contradicts no_sync: leave sync unset "
+                "(it follows no_sync), and run the step that synchronises outside no_sync."
+            )
+        raise ValueError(
+            "backward(ddp, losses, sync=False) accumulates a micro-batch without communication and must run "
+            "inside `with ddp.no_sync():` (around the forward and this call), as any DDP gradient accumulation."
+        )
+    check_loss_count(len(losses), runtime.state.num_tasks)
+    return losses, sync
+
+
+def ddp_backward(ddp: DistributedDataParallel, losses: Any, sync: bool | None = None) -> None:
     """Runs one backward pass per task through the DDP reducer; the hook does the rest.
 
     Inside ``ddp.no_sync()`` (``sync`` left ``None``, or ``False``): accumulate each task's local
@@ -594,35 +628,24 @@ def ddp_backward(ddp: DistributedDataParallel, losses: Sequence[Tensor], sync: b
         )
     runtime = driver_of(ddp)
     if not isinstance(runtime, DDPGradVac):
-        runtime = _bind(ddp, losses)
-    if tuple(p.requires_grad for p in runtime.params) != runtime.trainable:
-        changed = [
-            n for n, p, t in zip(runtime.engine.param_names, runtime.params, runtime.trainable) if p.requires_grad != t
-        ]
-        raise ValueError(
-            f"parameters {changed[:5]} were frozen or unfrozen after the first GradVac step: the blocks and DDP's "
-            "buckets were built for the trainable parameters then. Change requires_grad before wrapping the model, "
-            "or build a new DistributedDataParallel and GradVacState after changing it."
-        )
+        runtime = _bind(ddp)
+    # This step's input checks. At a synchronising step every rank learns whether every rank's passed
+    # (Engine.agree), so a bad input on one rank (a task with no samples there returning a constant)
+    # raises on all of them instead of leaving the others waiting in the passes.
     wrapper_sync = bool(ddp.require_backward_grad_sync)
-    sync = wrapper_sync if sync is None else sync
-    if sync:
-        runtime.engine.agree(len(losses))
-    m = runtime.state.num_tasks
-    check_loss_count(len(losses), m)
-    if sync != wrapper_sync:
-        if sync:
-            raise ValueError(
-                "backward(ddp, losses, sync=True) inside `with ddp.no_sync():` contradicts no_sync: leave sync unset "
-                "(it follows no_sync), and run the step that synchronises outside no_sync."
-            )
-        raise ValueError(
-            "backward(ddp, losses, sync=False) accumulates a micro-batch without communication and must run "
-            "inside `with ddp.no_sync():` (around the forward and this call), as any DDP gradient accumulation."
-        )
+    error: Exception | None = None
+    try:
+        losses, sync = _check_step(runtime, losses, sync, wrapper_sync)
+    except (ValueError, TypeError, RuntimeError) as err:
+        error = err
+    if wrapper_sync:
+        runtime.engine.agree(len(losses) if error is None else 0, error)
+    elif error is not None:
+        raise error
     if not sync:
         runtime.micro_batches.accumulate(losses)
         return
+    m = runtime.state.num_tasks
     # With gradient_as_bucket_view an existing .grad is a view of a bucket the passes overwrite: copied.
     prior = _grads.set_aside(runtime.params, copy=bool(getattr(ddp, "gradient_as_bucket_view", False)))
     global _driving

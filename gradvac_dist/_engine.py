@@ -35,13 +35,14 @@ from ._agreement import (
     Kind,
     Setting,
     check_agreement,
+    check_step_inputs,
     fingerprint_agrees,
     fingerprint_bits,
     payload_size,
     write_fingerprint,
 )
 from ._blocks import GROUPINGS, BlockLayout, Segment, gramian_row, partial_gramians
-from ._comm import STRATEGIES, CommCounters, all_reduce_sum, differing_entries, world_of
+from ._comm import STRATEGIES, CommCounters, all_reduce_sum, collective_device, differing_entries, world_of
 from ._errors import ON_NONFINITE, NonFiniteGradientError, first_nonfinite, nonfinite_flags, nonfinite_message
 from ._state import GradVacState
 from ._weighting import weighting_name
@@ -203,20 +204,34 @@ class Engine:
         #: steps completed through this engine; equal on every rank (unlike a corrupted step count)
         self.steps_driven = 0
 
-    def agree(self, num_losses: int, *, remember: bool = True) -> None:
-        """Proves that every rank holds the same settings and trajectory, at the first synchronising step
-        (one small all-reduce then; nothing at later steps, nothing in micro-batches that accumulate
-        without communication). ``remember=False`` checks without counting it as done (at FSDP2
-        registration, before any loss exists).
+    def agree(self, num_losses: int, local_error: BaseException | None = None, *, remember: bool = True) -> None:
+        """Before a synchronising step's passes: raises on every rank unless every rank can run it.
+
+        At the first synchronising step, proves that every rank holds the same settings and
+        trajectory (one all-reduce of :data:`AGREEMENT_ENTRIES` numbers); at later steps, that
+        every rank's inputs passed their checks (one all-reduce of W flags, read on the host). In
+        micro-batches that accumulate without communication, nothing. ``local_error``: this rank's
+        inputs failed a check; it is raised here after the collective, and the other ranks raise
+        too, so no rank waits for another in the passes. ``remember=False`` checks without counting
+        it as done (at FSDP2 registration, before any loss exists).
 
         A ``load_state_dict`` later changes only the trajectory, which the per-step fingerprint
         covers at the next step: no collective is tied to a load, so a load made on some ranks only
         is reported, never turned into mismatched collectives.
         """
-        if (remember and self.agreed) or self.world == 1:
+        if self.world == 1:
+            if local_error is not None:
+                raise local_error
             return
-        mine = settings(self.state, self.strategy, self.layout, self.param_names, num_losses)
-        check_agreement(mine, AGREEMENT_ENTRIES, self.group, self.state.counters)
+        if remember and self.agreed:
+            check_step_inputs(local_error, self.group, self.state.counters)
+            return
+        mine = (
+            None
+            if local_error is not None
+            else settings(self.state, self.strategy, self.layout, self.param_names, num_losses)
+        )
+        check_agreement(mine, AGREEMENT_ENTRIES, self.group, self.state.counters, local_error=local_error)
         self.agreed = self.agreed or remember
 
     def step(self, pieces: Sequence[Piece], wait_last: Callable[[], None] | None = None) -> StepOutcome:
@@ -276,7 +291,8 @@ class Engine:
                 stage_gram = stage[: num_blocks * m * m].view(num_blocks, m, m)
                 if weighting is not None:
                     state.last_result = None
-                    coefficients = traj.weigh(stage_gram, self.block_sizes, weighting)
+                    share = self._share_weights if self.world > 1 else None
+                    coefficients = traj.weigh(stage_gram, self.block_sizes, weighting, share)
                 else:
                     result = traj.advance(stage_gram, self.block_sizes, state.beta, state.eps, check_inputs=False)
                     state.last_result = result
@@ -290,6 +306,33 @@ class Engine:
             if not in_sync:
                 return StepOutcome(coefficients, None, self._desync())
             return StepOutcome(coefficients, self._diagnose(pieces))
+
+    def _share_weights(self, mine: Tensor | None, error: BaseException | None) -> Tensor:
+        """A Gramian weighting's ``[K, m]`` weights, the same on every rank: the first rank's, sent with
+        every rank's failure flag in one all-reduce of ``K m + W`` float64 numbers (host, weighting steps only).
+
+        The Gramians are identical on every rank, but a weighting may draw from anything (Python's
+        ``random``, numpy, the rank itself); whatever it does, every rank combines with one set of
+        weights, and a weighting that raises on any rank raises on every rank.
+        """
+        num_blocks, m = self.num_blocks, self.state.num_tasks
+        rank = world_of(self.group)[0]
+        buf = torch.zeros(num_blocks * m + self.world, dtype=torch.float64)
+        if rank == 0 and mine is not None:
+            buf[: num_blocks * m] = mine.flatten()
+        buf[num_blocks * m + rank] = float(error is not None)
+        on_wire = buf.to(collective_device(self.group))  # NCCL reduces device tensors; gloo, host ones
+        all_reduce_sum(on_wire, self.group, self.state.counters, "weights_all_reduce")
+        buf = on_wire.cpu()
+        failed = buf[num_blocks * m :].nonzero().flatten().tolist()
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(
+                f"the Gramian weighting raised on rank(s) {failed} (their error says why); every rank stops this step, "
+                "with the GradVac state untouched."
+            )
+        return buf[: num_blocks * m].view(num_blocks, m)
 
     def _desync(self) -> RuntimeError:
         """The fingerprints differ: names what differs (error path: one extra all-reduce)."""

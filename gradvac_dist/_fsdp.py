@@ -45,7 +45,7 @@ from torch.distributed.tensor import DTensor
 from . import _grads
 from . import _torch_compat as compat
 from ._blocks import BlockLayout, Segment, append_segment, combine, layout_of
-from ._checks import check_loss_count, check_losses, reject_fsdp1
+from ._checks import check_loss_count, check_losses, reject_fsdp1, reject_sparse
 from ._comm import CommCounters
 from ._engine import Driver, Engine, Piece, agree_on_failure, attach, check_attachable, detach, driver_of
 from ._state import GradVacState, from_plain, to_plain
@@ -135,6 +135,7 @@ def _bind(model: nn.Module, state: GradVacState) -> _Binding:
     params = _trainable(model)
     names = {id(p): n for n, p in model.named_parameters()}
     param_names = [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+    reject_sparse(model, params, param_names)
     mesh_group = _mesh_group(params, param_names)
     # FSDP swaps the module's parameters between the sharded DTensors and the unsharded tensors
     # around forward and backward; its FSDPParam objects are stable and know the sharded one.
@@ -228,8 +229,10 @@ class FSDPGradVac(Driver):
 
     Communication per step and rank, n parameters, W ranks (ring algorithms, elements sent):
     FSDP's own m reduce-scatters, about ``m n (W-1)/W`` (a plain backward does one), the
-    parameter all-gathers of one plain forward + backward, and GradVac's one all-reduce of
-    ``K m^2 + m`` float64 numbers. No gradient is all-gathered.
+    parameter all-gathers of one plain forward + backward, GradVac's one all-reduce of
+    ``K m^2 + m + 4`` float64 numbers (Gramians, non-finite flags, the rank fingerprint), and before
+    the passes one of ``W`` flags (every rank's input checks; the settings at the first step). No
+    gradient is all-gathered.
 
     Memory per rank: the stash, ``m * n/W`` elements of the parameters' dtype (see
     :attr:`stash_bytes`), and, unless ``reshard_between_passes``, the unsharded parameters for the
@@ -315,15 +318,25 @@ class FSDPGradVac(Driver):
 
         ``sync`` follows the model's ``set_requires_gradient_sync`` when left ``None``; with gradient
         sync off, the call accumulates a micro-batch without communication. An explicit ``sync`` that
-        contradicts that switch raises.
+        contradicts that switch raises. At a synchronising step the input checks are agreed by
+        every rank (see :meth:`Engine.agree`): a bad input on one rank raises on all of them.
         """
-        self.step(check_losses(losses), sync)
-
-    def step(self, losses: Sequence[Tensor], sync: bool | None) -> None:
-        """:meth:`backward` on losses :func:`~gradvac_dist._checks.check_losses` has checked (once a step)."""
-        state = self.state
-        model = self.module
         sync_on = compat.gradient_sync_enabled(g for _, gs in self._modules for g in gs)
+        error: Exception | None = None
+        try:
+            losses = self._check_step(losses, sync, sync_on)
+        except (ValueError, TypeError, RuntimeError) as err:
+            error = err
+        if sync_on:
+            self.engine.agree(len(losses) if error is None else 0, error)
+        elif error is not None:
+            raise error
+        self._step(losses, bool(sync_on))
+
+    def _check_step(self, losses: Any, sync: bool | None, sync_on: bool | None) -> list[Tensor]:
+        """This step's input checks, each once; the checked losses."""
+        losses = check_losses(losses)
+        model = self.module
         if sync_on is None:
             raise ValueError(
                 "gradient sync is on for some FSDP2 modules of this model and off for others; GradVac needs one "
@@ -335,9 +348,7 @@ class FSDPGradVac(Driver):
                 f"set_requires_gradient_sync({sync_on}): leave sync unset, and accumulate micro-batches with "
                 "model.set_requires_gradient_sync(False) (True again for the micro-batch that ends the step)."
             )
-        if sync_on:
-            self.engine.agree(len(losses))
-        check_loss_count(len(losses), state.num_tasks)
+        check_loss_count(len(losses), self.state.num_tasks)
         if compat.is_root(model) is None:
             raise RuntimeError(
                 "backward(fsdp_model, losses) before any forward: run the model's forward first (FSDP2 sets up "
@@ -348,6 +359,11 @@ class FSDPGradVac(Driver):
                 "GradVac was registered on an FSDP2 module that is not the root of its forward: register (and pass "
                 "to gradvac_dist.backward) the outermost module given to fully_shard, the one you call forward on."
             )
+        return losses
+
+    def _step(self, losses: Sequence[Tensor], sync_on: bool) -> None:
+        """The passes (and, when synchronising, the GradVac step) on checked, agreed inputs."""
+        state = self.state
         plan = self._current_plan()
         accumulation = self._accumulation
         if not sync_on:
@@ -592,4 +608,4 @@ def fsdp_backward(model: nn.Module, losses: Sequence[Tensor], sync: bool | None 
             "handle = gradvac_dist.register_fsdp(model, gradvac_dist.GradVacState(num_tasks=m)). Register the root "
             "module (the one you call fully_shard on last)."
         )
-    handle.step(losses, sync)
+    handle.backward(losses, sync)

@@ -19,7 +19,7 @@ from . import _grads
 from . import _torch_compat as compat
 from ._aggregator import GramianAggregator
 from ._blocks import layout_of
-from ._checks import graph_nodes
+from ._checks import graph_nodes, reject_sparse
 from ._engine import drivers
 from ._errors import NonFiniteGradientError, first_nonfinite, nonfinite_flags, nonfinite_message
 
@@ -46,6 +46,11 @@ def task_jacobian(losses: Sequence[Tensor], params: Sequence[nn.Parameter]) -> T
             row = jac[i, offset : offset + p.numel()]
             if g is None:
                 row.zero_()
+            elif g.layout != torch.strided:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} got a {g.layout} gradient; GradVac combines dense per-task "
+                    "gradients. Build the layer that produces it with dense gradients (e.g. nn.Embedding(sparse=False))."
+                )
             else:
                 row.copy_(g.reshape(-1))
             offset += p.numel()
@@ -67,10 +72,12 @@ def local_backward(
             f"gradvac_dist.GramianWeightedAggregator(weighting)), got {aggregator!r}."
         )
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        _refuse_wrapped(model, losses, first_step=aggregator.step == 0)
+        _refuse_on_several_ranks(model, losses, first_step=aggregator.step == 0)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no parameter with requires_grad=True.")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    reject_sparse(model, params, names)
     layout = layout_of(model, params, grouping, shared_params)
     jac = task_jacobian(losses, params)
     jac = aggregator._accumulate(jac, params, sync is not False)
@@ -79,7 +86,6 @@ def local_backward(
     try:
         aggregated = aggregator._aggregate(jac, layout.segments(), layout.block_sizes)
     except NonFiniteGradientError as err:
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
         offsets = [0, *itertools.accumulate(layout.numels)]
         columns = [(i, offsets[i], offsets[i + 1]) for i in range(len(names))]
         task, index = first_nonfinite(nonfinite_flags([(jac, columns)], jac.shape[0], len(names), jac.device))
@@ -91,9 +97,10 @@ def local_backward(
         offset += p.numel()
 
 
-def _refuse_wrapped(model: nn.Module, losses: Sequence[Tensor], first_step: bool) -> None:
-    """In a job of several ranks, refuses the single-process path on a module a DDP module wraps: it would
-    give each rank its own GradVac step on its own gradients, and the ranks would drift apart."""
+def _refuse_on_several_ranks(model: nn.Module, losses: Sequence[Tensor], first_step: bool) -> None:
+    """In a job of several ranks, refuses the single-process path: it would give each rank its own
+    GradVac step on its own gradients, and the ranks would drift apart (the message says how the
+    module is known to be DDP's, where it is)."""
     wrapped = any(getattr(driver.module, "module", None) is model for driver in drivers())
     if not wrapped and first_step:  # the forward went through a DDP module (one walk of the graph)
         wrapped = any(compat.ddp_of_sink(node) is not None for node in graph_nodes(losses))
@@ -104,3 +111,13 @@ def _refuse_wrapped(model: nn.Module, losses: Sequence[Tensor], first_step: bool
             "DistributedDataParallel module itself, with gradvac_dist.gradvac_hook registered: "
             "gradvac_dist.backward(ddp, losses)."
         )
+    # Not provably wrapped (the forward went around DDP, before any DDP step): in a job of several ranks
+    # the single-process path is still GradVac on this rank's gradients alone. Refused on every rank
+    # alike (the world size is the same everywhere), so no rank waits for another.
+    raise ValueError(
+        f"backward(module, losses, aggregator) in a job of {dist.get_world_size()} ranks runs GradVac on this "
+        "rank's gradients alone, with no communication: the ranks' models would drift apart. Wrap the model in "
+        "DistributedDataParallel(model, find_unused_parameters=True), register gradvac_dist.gradvac_hook and "
+        "call gradvac_dist.backward(ddp, losses) (or register_fsdp for FSDP2). If each rank really trains a "
+        "model of its own, call the aggregator on the task Jacobian yourself: aggregator(jacobian)."
+    )

@@ -8,6 +8,7 @@ identical on every rank (the all-reduced Gramians). Checkpoint keys are module c
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -98,11 +99,33 @@ class Trajectory:
         self.step += 1
         return result
 
-    def weigh(self, gramians: Tensor, block_sizes: tuple[int, ...], weighting: Weighting) -> Tensor:
-        """One step of a Gramian weighting instead of GradVac: ``[K, m]`` float64 weights, on the host."""
+    def weigh(
+        self,
+        gramians: Tensor,
+        block_sizes: tuple[int, ...],
+        weighting: Weighting,
+        share: Callable[[Tensor | None, BaseException | None], Tensor] | None = None,
+    ) -> Tensor:
+        """One step of a Gramian weighting instead of GradVac: ``[K, m]`` float64 weights, on the host.
+
+        ``share`` (distributed): called with this rank's weights or the error the weighting raised,
+        it returns the weights every rank uses, or raises on every rank. Only then does the
+        trajectory advance, so a step refused on any rank leaves every rank's trajectory untouched.
+        """
         m = gramians.shape[1]
         self.check_shape(m, block_sizes)
-        weights = weigh_blocks(weighting, gramians, self.generator)
+        generator = torch.Generator(device="cpu")
+        generator.set_state(self.generator.get_state())
+        if share is None:
+            weights = weigh_blocks(weighting, gramians, generator)
+        else:
+            try:
+                mine: Tensor | None = weigh_blocks(weighting, gramians, generator)
+                error = None
+            except Exception as err:  # a user's weighting may raise anything; every rank must hear of it
+                mine, error = None, err
+            weights = share(mine, error)
+        self.generator = generator
         self.block_sizes = block_sizes
         self.num_tasks = m
         self.step += 1

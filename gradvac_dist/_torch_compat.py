@@ -80,7 +80,7 @@ __all__ = [
 def _missing(what: Sequence[str], needed_for: str) -> RuntimeError:
     return RuntimeError(
         f"this torch release ({torch.__version__}) lacks {', '.join(what)}, which gradvac_dist needs {needed_for}; "
-        "gradvac_dist supports torch 2.6 to 2.14 (see the README's compatibility table)."
+        "gradvac_dist supports torch 2.6 to 2.14 (see docs/compatibility.md)."
     )
 
 

@@ -76,10 +76,17 @@ def check_weighting(weighting: Any) -> Weighting:
 
 
 def weighting_name(weighting: Weighting | None) -> str:
-    """What the rank agreement compares: the weighting's class and representation."""
+    """What the rank agreement compares: the weighting's qualified name, the same in every process.
+
+    A function (or lambda) is named by its own module and qualified name, any other callable by its
+    class's. Never by ``repr``, which holds a memory address for functions and for objects without
+    a ``__repr__`` of their own. Two ranks with weightings of one class but other arguments agree
+    here; the weights themselves are then made identical on every rank (see ``_engine``).
+    """
     if weighting is None:
         return "GradVac"
-    return f"{type(weighting).__module__}.{type(weighting).__qualname__}: {weighting!r}"
+    named = weighting if hasattr(weighting, "__qualname__") and not isinstance(weighting, type) else type(weighting)
+    return f"{getattr(named, '__module__', '?')}.{getattr(named, '__qualname__', type(weighting).__qualname__)}"
 
 
 def weigh_blocks(weighting: Weighting, gramians: Tensor, generator: torch.Generator) -> Tensor:

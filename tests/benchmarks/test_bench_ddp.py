@@ -26,9 +26,11 @@ def test_quick_run_prints_the_table_and_writes_markdown(tmp_path, capsys):
     assert len(checks) == 2
     for diff, corrections in checks:
         assert float(diff) < 1e-3 and int(corrections) > 0
-    assert "gramian_all_reduce 1, task_all_reduce 3" in out
+    assert "gramian_all_reduce 1, input_all_reduce 1, task_all_reduce 3" in out
     # the result is combined and all-gathered in pieces (at most 4 per bucket: gradvac_dist._ddp.PIPELINE_PIECE)
-    assert re.search(r"gramian_all_reduce 1, result_all_gather [1-4], task_reduce_scatter 3", out), out
+    assert re.search(
+        r"gramian_all_reduce 1, input_all_reduce 1, result_all_gather [1-4], task_reduce_scatter 3", out
+    ), out
     assert "DDP buckets: 1 (bucket_cap_mb=25)" in out
     # The library's phase clocks (counters.timing): every phase ran, and the nested ones fit in their parent.
     profiles = PROFILE.findall(out)
@@ -44,7 +46,7 @@ def test_quick_run_prints_the_table_and_writes_markdown(tmp_path, capsys):
         cells = [c.strip() for c in row.strip("|").split("|")]
         median, counted, formula, lo, written = float(cells[1]), cells[5], cells[6], cells[7], cells[8]
         assert median > 0
-        assert counted == formula, row  # every collective is accounted for by the README's formula
+        assert counted == formula, row  # every collective is accounted for by the documented formula (docs/usage.md)
         assert lo == "-" or float(lo) > 0  # lo counts the whole machine's loopback traffic: no exact check
         # What each rank's process wrote to its sockets matches the ring formula, (e) included: its
         # reduce-scatter is an all_to_all_single on gloo (gloo's own reduce-scatter: 1.75x the formula here, m=3).
@@ -55,8 +57,15 @@ def test_quick_run_prints_the_table_and_writes_markdown(tmp_path, capsys):
 def test_ring_bytes_and_formulas_agree():
     n, w = 1000, 4
     assert ring_bytes({"task_all_reduce": 3 * 4 * n}, w) == formula_bytes("a", n, w)
-    sharded = {"task_reduce_scatter": 3 * 4 * n, "result_all_gather": 4 * n, "gramian_all_reduce": (9 + 3 + 4) * 8}
+    sharded = {
+        "task_reduce_scatter": 3 * 4 * n,
+        "result_all_gather": 4 * n,
+        "gramian_all_reduce": (9 + 3 + 4) * 8,
+        "input_all_reduce": w * 8,
+    }
     assert ring_bytes(sharded, w) == formula_bytes("e", n, w)
+    weighted = {**sharded, "weights_all_reduce": (3 + w) * 8}  # the first rank's K m weights and W flags
+    assert ring_bytes(weighted, w) == formula_bytes("f", n, w)
     assert ring_bytes({"naive_all_gather": w * 3 * 4 * n}, w) == formula_bytes("c", n, w)
 
 

@@ -23,6 +23,7 @@ def test_quick_run_prints_ratios_counts_and_memory(capsys):
     assert rows["d"][4] == rows["a"][4] == rows["c"][4]  # GradVac all-gathers what one plain step does
     assert rows["b"][4] > rows["a"][4]  # FSDP's per-pass defaults re-all-gather
     assert rows["d"][5] == rows["a"][5] == 3 * rows["c"][5]  # one reduce-scatter per task pass
-    assert rows["d"][6] == 1 and rows["a"][6] == 0  # the one Gramian all-reduce
+    # the one Gramian all-reduce, and the input-check flags before the passes (a later step's)
+    assert rows["d"][6] == 2 and rows["a"][6] == 0
     assert re.search(r"time goal: GradVac-FSDP / m-pass FSDP = [0-9.]+x \(goal <= 1.05x\)", out)
     assert "all ranks: stash" in out and "= 1.000 x m*n" in out

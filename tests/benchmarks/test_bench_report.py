@@ -60,7 +60,7 @@ def test_report_quick_writes_markdown_json_and_plots(tmp_path, capsys):
     assert {name for name, _ in data["ddp"]} == {"center", "m", "n", "W"}
     for _, summary in data["ddp"]:
         assert set(summary["median_ms"]) == set("abcdef")
-        if summary["world"] > 1:  # the counters agree with the README's formula
+        if summary["world"] > 1:  # the counters agree with the documented formula (docs/usage.md)
             for key, counted in summary["ring_bytes"].items():
                 assert counted == pytest.approx(summary["formula_bytes"][key], rel=1e-4)  # (e): shard padding
         assert summary["stash_bytes"]["d"] == 4 * summary["m"] * summary["n"]

@@ -39,6 +39,7 @@ def test_equivalence_with_core_and_lockstep(world):
             assert res["max_rel_err"] < 1e-10, (cfg, res["max_rel_err"])
             assert torch.allclose(res["targets"], res["ref_targets"], atol=1e-10, rtol=0), cfg
             assert res["calls"]["gramian_all_reduce"] == steps, (cfg, res["calls"])
+            assert res["calls"]["input_all_reduce"] == steps - 1, (cfg, res["calls"])  # after the first step
             assert res["step"] == steps
             # every rank ends bit-identical
             assert torch.equal(res["params"], first["params"]), cfg

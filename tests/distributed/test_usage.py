@@ -53,7 +53,7 @@ def test_fsdp_ranks_set_up_differently_are_refused_at_registration():
 
 def test_backward_inside_autocast_equals_outside():
     for res in run_distributed(bodies.autocast_body, 2, timeout=120):
-        assert res == {"ddp": 0.0, "single": 0.0}, res
+        assert res == {"ddp": 0.0}, res
 
 
 def test_no_sync_alone_accumulates_exactly_and_contradictions_raise():
@@ -88,6 +88,10 @@ def test_single_process_path_on_a_ddp_wrapped_module_is_refused():
             assert res[case] is not None, f"{case}: no error (the ranks would drift apart)"
             kind, message = res[case]
             assert kind == "ValueError" and "a DistributedDataParallel wraps" in message, (case, message)
+        # the forward around DDP before any DDP step: the job has 2 ranks, which is enough to know
+        assert res["module_forward_first"] is not None, "module_forward_first: no error (the ranks would drift)"
+        kind, message = res["module_forward_first"]
+        assert kind == "ValueError" and "in a job of 2 ranks runs GradVac on this rank's" in message, message
 
 
 def test_parameter_frozen_after_wrapping_is_exact_and_unfreezing_later_is_refused():
@@ -121,3 +125,38 @@ def test_register_ddp_is_idempotent_and_refuses_conflicts():
         assert res["other_state"][0] == "ValueError" and "with another GradVacState" in res["other_state"][1]
         assert res["other_hook"][0] == "ValueError" and "another comm hook" in res["other_hook"][1]
         assert res["not_ddp"][0] == "ValueError" and "needs the DistributedDataParallel module" in res["not_ddp"][1]
+
+
+def test_sparse_gradients_are_refused_on_every_rank_naming_the_parameter():
+    for res in run_distributed(bodies.sparse_body, 2, timeout=60):
+        assert res is not None, "sparse gradients were not refused"
+        kind, message = res
+        assert kind == "ValueError" and "'embed.weight' gets sparse gradients" in message, res
+
+
+@pytest.mark.parametrize("first_step", [True, False])
+def test_inputs_refused_on_one_rank_raise_promptly_on_every_rank_ddp(first_step):
+    _check_one_rank_refuses(run_distributed(bodies.one_rank_refuses_body, 2, first_step, timeout=90), first_step)
+
+
+@needs_fsdp_on_cpu
+@pytest.mark.parametrize("first_step", [True, False])
+def test_inputs_refused_on_one_rank_raise_promptly_on_every_rank_fsdp(first_step):
+    results = run_distributed(bodies.one_rank_refuses_body, 2, first_step, True, timeout=90)
+    _check_one_rank_refuses(results, first_step)
+
+
+def _check_one_rank_refuses(results, first_step):
+    own = {"constant": "does not require grad", "float": "is a Python float", "too_few": "got 2 losses but"}
+    for bad, fragment in own.items():
+        (kind1, message1), seconds1 = results[1][bad]
+        assert kind1 == "ValueError" and fragment in message1, (bad, message1)
+        assert results[0][bad][0] is not None, f"{bad}: rank 0 ran on (it would wait in the passes)"
+        kind0, message0 = results[0][bad][0]
+        assert kind0 == "RuntimeError" and ("on another rank" in message0 or "on rank(s) [1]" in message0), message0
+        assert results[0][bad][1] < 10 and seconds1 < 10, (bad, results[0][bad][1], seconds1)  # promptly
+        for res in results:  # nothing changed on any rank
+            assert res[bad + "/step"] == (0 if first_step else 1) and res[bad + "/grads"] == [], (bad, res)
+    (step0, grads0, gen0), (step1, grads1, gen1) = results[0]["after"], results[1]["after"]
+    assert step0 == step1 == (1 if first_step else 2)
+    assert torch.equal(grads0, grads1) and torch.equal(gen0, gen1)

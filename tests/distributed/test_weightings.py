@@ -40,3 +40,19 @@ def test_stateful_and_matrix_weightings_are_refused():
     for res in run_distributed(bodies.refused_body, 2, timeout=60):
         assert res["stateful"] is not None and "keeps state between steps" in res["stateful"]
         assert res["matrix"] is not None and "weighs the Jacobian itself" in res["matrix"]
+
+
+def test_any_callable_is_a_weighting_and_every_rank_combines_with_the_same_weights():
+    results = run_distributed(bodies.any_callable_body, 2, timeout=120)
+    for name in ("function", "lambda", "rank_dependent", "python_random"):
+        for res in results:
+            assert res[name]["step"] == 2, name
+            if res[name]["err"] is not None:  # the first rank's weights on the rank-mean Jacobian
+                assert res[name]["err"] < 1e-12, (name, res[name]["err"])
+            assert torch.equal(res[name]["grads"], results[0][name]["grads"]), name  # bit-identical
+    assert results[1]["failing"] == ("ValueError", "this weighting fails on rank 1")
+    kind, message = results[0]["failing"]
+    assert kind == "RuntimeError" and "raised on rank(s) [1]" in message, results[0]["failing"]
+    for res in results:  # nothing advanced on any rank
+        assert res["failing_state"][0] == 0
+        assert torch.equal(res["failing_state"][1], results[0]["failing_state"][1])

@@ -96,22 +96,20 @@ def fsdp_settings_differ_body(rank, world):
 
 
 def autocast_body(rank, world):
-    """backward inside an autocast region gives exactly the .grad it gives outside, on every path."""
+    """backward(ddp, ...) inside an autocast region gives exactly the .grad it gives outside (the
+    single-process path, which a job of several ranks refuses, is checked in tests/unit/test_local.py)."""
     base = make_model().float()
     x, ys = (t.float() for t in batch(0, rank, world))
     grads = {}
-    for path in ("ddp", "single"):
-        for where in ("outside", "inside"):
-            model = copy.deepcopy(base)
-            target = _ddp(model, grouping="module")[0] if path == "ddp" else model
-            losses = task_losses(target(x), ys)
-            args = (target, losses) if path == "ddp" else (target, losses, GradVac())
-            kwargs = {} if path == "ddp" else {"grouping": "module"}
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=where == "inside"):
-                gradvac_dist.backward(*args, **kwargs)
-            grads[path, where] = _grad(model)
+    for where in ("outside", "inside"):
+        model = copy.deepcopy(base)
+        target = _ddp(model, grouping="module")[0]
+        losses = task_losses(target(x), ys)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=where == "inside"):
+            gradvac_dist.backward(target, losses)
+        grads[where] = _grad(model)
     # before the fix: about 4e-3 relative (the passes and the Gramians lowered to bf16)
-    return {path: _rel(grads[path, "inside"], grads[path, "outside"]) for path in ("ddp", "single")}
+    return {"ddp": _rel(grads["inside"], grads["outside"])}
 
 
 def accumulation_body(rank, world, micro=2):
@@ -195,7 +193,10 @@ def wrapped_module_body(rank, world):
     out = {
         "forward_through_ddp": _capture(lambda: gradvac_dist.backward(ddp.module, task_losses(ddp(x), ys), GradVac()))
     }
-    ddp, _ = _ddp(make_model())
+    ddp, _ = _ddp(make_model())  # before any DDP step, the forward around DDP: nothing to see of DDP
+    out["module_forward_first"] = _capture(
+        lambda: gradvac_dist.backward(ddp.module, task_losses(ddp.module(x), ys), GradVac())
+    )
     gradvac_dist.backward(ddp, task_losses(ddp(x), ys))  # a proper step binds the DDP module
     out["after_a_step"] = _capture(lambda: gradvac_dist.backward(ddp.module, task_losses(ddp.module(x), ys), GradVac()))
     return out
@@ -295,4 +296,62 @@ def register_ddp_body(rank, world):
     x, ys = batch(0, rank, world)
     gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
     out["step"] = state.step
+    return out
+
+
+def sparse_body(rank, world):
+    """An nn.Embedding(sparse=True) in the trunk under DDP: refused on every rank, naming the parameter."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"embed": torch.nn.Embedding(16, 4, sparse=True), "head": torch.nn.Linear(4, M)})
+    ddp, _ = _ddp(model.double())
+    tokens = torch.tensor([rank, rank + 3, 7])
+
+    def step():
+        out = ddp.module["head"](ddp.module["embed"](tokens)).sum(0)  # DDP's own forward does not apply here
+        gradvac_dist.backward(ddp, [out[i] for i in range(M)])
+
+    return _capture(step)
+
+
+def one_rank_refuses_body(rank, world, first_step, fsdp=False):
+    """Rank 1's inputs to a step fail a check (a task with no samples there returning a constant, a
+    Python float, one loss too few); rank 0's pass. Every rank must raise promptly (rank 0 without
+    waiting in the passes), and the job must go on: the next step is exact on both ranks."""
+    import time
+
+    if fsdp:
+        plain = fsdp_bodies.make_model()
+        model = fsdp_bodies.shard(copy.deepcopy(plain), world)
+        state = GradVacState(num_tasks=fsdp_bodies.M)
+        register_fsdp(model, state)
+        forward, make_batch, losses_of = model, fsdp_bodies.batch, fsdp_bodies.task_losses
+    else:
+        model = make_model()
+        ddp, state = _ddp(model)
+        forward, make_batch, losses_of = ddp, batch, task_losses
+
+    def losses(step, bad=None):
+        x, ys = make_batch(step, rank, world)
+        out = losses_of(forward(x), ys)
+        if rank == 1 and bad == "constant":
+            out[-1] = torch.tensor(0.0, dtype=torch.float64)
+        elif rank == 1 and bad == "float":
+            out[-1] = 0.0
+        elif rank == 1 and bad == "too_few":
+            out = out[:-1]
+        return out
+
+    if not first_step:
+        gradvac_dist.backward(forward, losses(0))
+        model.zero_grad(set_to_none=True)
+    out = {}
+    for bad in ("constant", "float", "too_few"):
+        batch_losses = losses(1, bad)
+        start = time.monotonic()
+        out[bad] = (_capture(lambda ls=batch_losses: gradvac_dist.backward(forward, ls)), time.monotonic() - start)
+        out[bad + "/step"] = state.step
+        out[bad + "/grads"] = [n for n, p in model.named_parameters() if p.grad is not None]
+    gradvac_dist.backward(forward, losses(2))  # the job goes on: a good step runs on every rank
+    grads = [p.grad.full_tensor() if fsdp else p.grad for p in model.parameters() if p.grad is not None]
+    out["after"] = (state.step, torch.cat([g.flatten() for g in grads]), state.trajectory.generator.get_state())
     return out

@@ -120,3 +120,83 @@ def refused_body(rank, world):
         except ValueError as err:
             out[name] = str(err)
     return out
+
+
+def uniform_weights(gramian: torch.Tensor) -> torch.Tensor:
+    """A plain function as a weighting (its repr holds a memory address, different on every rank)."""
+    return torch.ones(gramian.shape[0], dtype=gramian.dtype)
+
+
+def rank_weights(gramian: torch.Tensor) -> torch.Tensor:
+    """A weighting that gives every rank other weights: rank r weighs task l by (l + 1) (r + 1)."""
+    m = gramian.shape[0]
+    return torch.arange(1, m + 1, dtype=gramian.dtype) * (1 + torch.distributed.get_rank())
+
+
+def python_random_weights(gramian: torch.Tensor) -> torch.Tensor:
+    """A weighting drawing from Python's own generator, which the library does not seed (and a rank's
+    differs): every rank must still combine with one set of weights."""
+    import random
+
+    return torch.tensor([random.random() for _ in range(gramian.shape[0])], dtype=gramian.dtype)
+
+
+def fails_on_rank_one(gramian: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.get_rank() == 1:
+        raise ValueError("this weighting fails on rank 1")
+    return torch.ones(gramian.shape[0], dtype=gramian.dtype)
+
+
+def any_callable_body(rank, world, steps=2):
+    """Plain callables as weightings under DDP (a function, a lambda, a rank-dependent one, one drawing
+    from Python's random): .grad equals the first rank's weights applied to the rank-mean Jacobian,
+    bit-identical on every rank; a weighting that raises on one rank raises on every rank."""
+    import random
+
+    random.seed(1234 + rank)  # each rank's Python generator differs, as in a real job
+    out = {}
+    cases = {
+        "function": (uniform_weights, lambda m: torch.ones(m, dtype=torch.float64)),
+        "lambda": (lambda g: torch.full((g.shape[0],), 2.0, dtype=g.dtype), lambda m: torch.full((m,), 2.0)),
+        "rank_dependent": (rank_weights, lambda m: torch.arange(1, m + 1, dtype=torch.float64)),
+        "python_random": (python_random_weights, None),
+    }
+    for name, (weighting, rank0_weights) in cases.items():
+        model = make_model()
+        plain = copy.deepcopy(model)
+        ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=0.002)
+        state = GradVacState(num_tasks=3, seed=SEED, weighting=weighting)
+        ddp.register_comm_hook(state, gradvac_hook)
+        opt, ref_opt = torch.optim.SGD(model.parameters(), lr=0.05), torch.optim.SGD(plain.parameters(), lr=0.05)
+        errs, grads = [], []
+        for step in range(steps):
+            x, ys = batch(step, rank, world)
+            local = local_jacobian(plain, x, ys)
+            gathered = [torch.empty_like(local) for _ in range(world)]
+            torch.distributed.all_gather(gathered, local)
+            mean = torch.stack(gathered).mean(0)
+            gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
+            grads.append(
+                torch.cat(
+                    [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()]
+                )
+            )
+            if rank0_weights is not None:
+                expected = rank0_weights(3).to(mean.dtype) @ mean
+                errs.append(_step_both(model, plain, expected, opt, ref_opt))
+            else:
+                opt.step()
+                opt.zero_grad()
+        out[name] = {"err": max(errs) if errs else None, "grads": torch.stack(grads), "step": state.step}
+    model = make_model()
+    ddp = DDP(model, find_unused_parameters=True, bucket_cap_mb=0.002)
+    state = GradVacState(num_tasks=3, seed=SEED, weighting=fails_on_rank_one)
+    ddp.register_comm_hook(state, gradvac_hook)
+    x, ys = batch(0, rank, world)
+    try:
+        gradvac_dist.backward(ddp, task_losses(ddp(x), ys))
+        out["failing"] = None
+    except (ValueError, RuntimeError) as err:
+        out["failing"] = (type(err).__name__, str(err))
+    out["failing_state"] = (state.step, state.trajectory.generator.get_state())
+    return out

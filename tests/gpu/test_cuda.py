@@ -42,9 +42,11 @@ def test_step_never_synchronises_with_the_host():
 
 def test_ddp_step_adds_exactly_one_host_synchronisation():
     """The whole DDP step (hook, Gramians, all-reduce, coefficient stage, combine) against the same
-    m-pass DDP step: exactly the documented synchronisation more (the finiteness decision)."""
-    for res in run_distributed(ddp_bodies.cuda_sync_count_body, torch.cuda.device_count(), backend="nccl", timeout=300):
-        assert res["gradvac"] - res["plain"] == 1, res
+    m-pass DDP step: exactly the documented synchronisations more (the finiteness decision, and on
+    several ranks the read of the input-check flags before the passes)."""
+    world = torch.cuda.device_count()
+    for res in run_distributed(ddp_bodies.cuda_sync_count_body, world, backend="nccl", timeout=300):
+        assert res["gradvac"] - res["plain"] == (1 if world == 1 else 2), res
 
 
 def test_ddp_hook_with_nccl_matches_core():

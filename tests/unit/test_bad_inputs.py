@@ -49,6 +49,12 @@ def _O(m=3):
     return draw_order(m, torch.Generator().manual_seed(0))
 
 
+def _sparse_backward():
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 1))
+    out = model(torch.tensor([1, 2, 3])).squeeze(-1)
+    gradvac_dist.backward(model, [out[0], out[1:].sum()], GradVac())
+
+
 def _asym():
     g = _G()
     g[0, 0, 1] += 10.0
@@ -265,6 +271,27 @@ CASES = [
     ),
     Case(
         "backward",
+        "a Python float as a loss",
+        lambda: gradvac_dist.backward(_model(), [_losses(_model())[0], 0.0], GradVac()),
+        ValueError,
+        "losses[1] is a Python float",
+    ),
+    Case(
+        "backward",
+        "losses not a list (a float)",
+        lambda: gradvac_dist.backward(_model(), 2.0, GradVac()),
+        ValueError,
+        "losses must be a list of scalar loss tensors",
+    ),
+    Case(
+        "backward",
+        "a parameter with sparse gradients (nn.Embedding(sparse=True))",
+        lambda: _sparse_backward(),
+        ValueError,
+        "gets sparse gradients (Embedding(sparse=True))",
+    ),
+    Case(
+        "backward",
         "unknown grouping",
         lambda: (lambda m: gradvac_dist.backward(m, _losses(m), GradVac(), grouping="layer"))(_model()),
         ValueError,
@@ -369,9 +396,27 @@ def test_docs_list_every_case():
     missing = [row for row in markdown_rows() if row not in page]
     assert not missing, (
         "The bad-input table in docs/reliability.md is out of date; regenerate it with "
-        "`python -m tests.unit.test_bad_inputs`:\n" + "\n".join(missing)
+        "`python -m tests.unit.test_bad_inputs --write`:\n" + "\n".join(missing)
     )
 
 
+def write_table(page: pathlib.Path) -> None:
+    """Replaces the generated table's rows in ``page`` (the rows after the first table header that
+    follows the "Bad inputs" heading) with :func:`markdown_rows`."""
+    lines = page.read_text().split("\n")
+    heading = next(i for i, line in enumerate(lines) if line.startswith("## Bad inputs"))
+    start = next(i for i in range(heading, len(lines)) if lines[i].startswith("|---")) + 1
+    stop = start
+    while stop < len(lines) and lines[stop].startswith("| `"):
+        stop += 1
+    lines[start:stop] = markdown_rows()
+    page.write_text("\n".join(lines))
+
+
 if __name__ == "__main__":
-    print("\n".join(markdown_rows()))
+    import sys
+
+    if "--write" in sys.argv:  # python -m tests.unit.test_bad_inputs --write
+        write_table(pathlib.Path(__file__).resolve().parents[2] / "docs" / "reliability.md")
+    else:
+        print("\n".join(markdown_rows()))

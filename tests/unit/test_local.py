@@ -18,7 +18,9 @@ def _jacobian(losses, params) -> torch.Tensor:
     rows = []
     for i, loss in enumerate(losses):
         gs = torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).flatten().double() for g, p in zip(gs, params)]))
+        rows.append(
+            torch.cat([(torch.zeros_like(p) if g is None else g).flatten().double() for g, p in zip(gs, params)])
+        )
     return torch.stack(rows)
 
 
