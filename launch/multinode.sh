@@ -12,13 +12,18 @@
 #   shared by the nodes of one job (default gradvac); BACKEND: nccl with GPUs, else gloo.
 # With gloo across nodes set GLOO_SOCKET_IFNAME (NCCL: NCCL_SOCKET_IFNAME) to the interface that
 # connects the nodes if the default route's is not it.
+# Optional: RDZV_CONF (torchrun --rdzv_conf, e.g. is_host=true on the node that hosts the store when
+#   the nodes share a hostname), LOCAL_ADDR (this node's address, torchrun --local_addr), MAX_RESTARTS
+#   (torchrun --max_restarts, elastic restarts), SCRIPT (default examples/ddp_train.py; it gets
+#   --backend and the arguments of this script). launch/two_nodes.sh runs this file on two network
+#   namespaces of one machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/lib.sh  # GRADVAC_DRY_RUN=1: print the commands instead
 : "${MASTER:?set MASTER to the address of node 0}"
 : "${NNODES:?set NNODES to the number of nodes}"
 : "${NODE_RANK:?set NODE_RANK to this node index (0..NNODES-1)}"
-run bash launch/setup.sh
+[ -n "${GRADVAC_SKIP_SETUP:-}" ] || run bash launch/setup.sh  # (launch/two_nodes.sh sets it up outside the nodes)
 if command -v nvidia-smi >/dev/null 2>&1 && [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -gt 0 ]; then
   NPROC=${NPROC:-$(nvidia-smi -L | wc -l)}; BACKEND=${BACKEND:-nccl}
 else
@@ -27,4 +32,6 @@ fi
 launch .venv/bin/torchrun \
   --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
   --rdzv_backend c10d --rdzv_endpoint "$MASTER:${RDZV_PORT:-29500}" --rdzv_id "${RDZV_ID:-gradvac}" \
+  ${RDZV_CONF:+--rdzv_conf "$RDZV_CONF"} ${LOCAL_ADDR:+--local_addr "$LOCAL_ADDR"} \
+  ${MAX_RESTARTS:+--max_restarts "$MAX_RESTARTS"} \
   "${SCRIPT:-examples/ddp_train.py}" --backend "$BACKEND" "$@"

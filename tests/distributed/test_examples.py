@@ -70,7 +70,10 @@ LAUNCH_SCRIPTS = {
     ),
     "demo.sh": ({}, ".venv/bin/python -m examples.demo"),
 }
-SCRIPT_ENV = ("NPROC", "MASTER_PORT", "SCRIPT", "MASTER", "NNODES", "NODE_RANK", "BACKEND", "RDZV_PORT", "RDZV_ID")
+SCRIPT_ENV = (
+    *("NPROC", "MASTER_PORT", "SCRIPT", "MASTER", "NNODES", "NODE_RANK", "BACKEND", "RDZV_PORT", "RDZV_ID"),
+    *("RDZV_CONF", "LOCAL_ADDR", "MAX_RESTARTS", "GRADVAC_SKIP_SETUP"),
+)
 # the launchers in .venv, as the running interpreter starts them (a test must not build .venv)
 LAUNCHERS = {
     ".venv/bin/torchrun": [sys.executable, "-m", "torch.distributed.run"],
@@ -109,6 +112,15 @@ def test_launch_script_environment_overrides():
     *_, command = dry_run("ddp_cpu.sh", [], env)
     expected = ".venv/bin/torchrun --nnodes 1 --nproc_per_node 3 --master_addr 127.0.0.1 --master_port 12345 "
     assert command == shlex.split(expected + "examples/other.py --backend gloo")
+
+
+def test_multinode_passes_the_rendezvous_options_through():
+    env = dict(MULTINODE_ENV, RDZV_CONF="is_host=true", LOCAL_ADDR="198.18.0.1", MAX_RESTARTS="1")
+    *_, command = dry_run("multinode.sh", [], env)
+    words = " ".join(command)
+    assert "--rdzv_conf is_host=true --local_addr 198.18.0.1 --max_restarts 1 examples/ddp_train.py" in words
+    commands = dry_run("multinode.sh", [], dict(env, GRADVAC_SKIP_SETUP="1"))
+    assert len(commands) == 1 and commands[0][0] == ".venv/bin/torchrun"  # set up outside the nodes
 
 
 def test_multinode_needs_its_variables_before_anything_runs():
