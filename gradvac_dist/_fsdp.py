@@ -44,7 +44,7 @@ from torch.distributed.tensor import DTensor
 
 from . import _grads
 from . import _torch_compat as compat
-from ._blocks import BlockLayout, Segment, append_segment, combine, layout_of
+from ._blocks import BlockLayout, Segment, append_segment, combine, layout_of, segments_of_range
 from ._checks import check_loss_count, check_losses, reject_fsdp1, reject_sparse
 from ._comm import CommCounters
 from ._engine import Driver, Engine, Piece, agree_on_failure, attach, check_attachable, detach, driver_of
@@ -63,7 +63,11 @@ def register_fsdp(model: nn.Module, state: GradVacState, *, reshard_between_pass
 
     Args:
         model: the ROOT module given to ``fully_shard`` (after the per-layer calls); every
-            trainable parameter must be an FSDP-sharded DTensor on a 1-D device mesh.
+            trainable parameter must be an FSDP-sharded DTensor on a 1-D device mesh, or on HSDP's
+            2-D mesh (``init_device_mesh(device, (replicas, shards), mesh_dim_names=...)``, spanning
+            every rank): each task's gradient then arrives sharded within a replica group and
+            averaged across replicas, the replicas divide their shard's Gramian columns, and the
+            one Gramian all-reduce spans every rank.
         state: a :class:`GradVacState` (``num_tasks``, ``beta``, ``eps``, ``seed``, ``grouping``,
             ``shared_params``, ``on_nonfinite``, ``check_sync_every``); one state per model. Its
             ``process_group`` must be ``None`` (the FSDP mesh's group is used) or that group. ``strategy`` is a DDP
@@ -80,7 +84,8 @@ def register_fsdp(model: nn.Module, state: GradVacState, *, reshard_between_pass
 
     Raises:
         ValueError: FSDP1, a model not sharded with ``fully_shard``, unsharded or non-DTensor
-            trainable parameters, a multi-dimensional (HSDP) mesh, a state or model registered twice.
+            trainable parameters, a mesh of more than two dimensions (tensor parallelism) or an HSDP
+            mesh that does not span every rank, a state or model registered twice.
     """
     # Registration proves rank agreement (one small all-reduce): a rank that fails here takes part
     # all the same, so every rank raises rather than some waiting for it in FSDP's collectives.
@@ -122,7 +127,7 @@ class _Binding(NamedTuple):
     fsdp_params: list[Any]  # by parameter index: FSDP's stable FSDPParam (it knows the sharded parameter)
     members: list[list[int]]  # the parameter indices of each FSDP parameter group (reduced in one dtype)
     param_names: list[str]
-    group: dist.ProcessGroup  # the mesh's group: the Gramians are summed over it
+    mesh: _Mesh  # the mesh's group (the Gramians are summed over it) and this rank's replica
     layout: BlockLayout
     on_accelerator: bool  # FSDP's collectives run on an accelerator (the shards may be on the CPU)
 
@@ -136,7 +141,8 @@ def _bind(model: nn.Module, state: GradVacState) -> _Binding:
     names = {id(p): n for n, p in model.named_parameters()}
     param_names = [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
     reject_sparse(model, params, param_names)
-    mesh_group = _mesh_group(params, param_names)
+    mesh = _mesh_of(params, param_names)
+    mesh_group = mesh.group
     # FSDP swaps the module's parameters between the sharded DTensors and the unsharded tensors
     # around forward and backward; its FSDPParam objects are stable and know the sharded one.
     by_id = compat.fsdp_params_by_id(g for _, groups in modules for g in groups)
@@ -158,7 +164,7 @@ def _bind(model: nn.Module, state: GradVacState) -> _Binding:
     # block sizes are global: rank- and world-size-independent, checked on every step and load
     layout = layout_of(model, params, state.grouping, state.shared_params)
     on_accelerator = params[0].device_mesh.device_type != "cpu"
-    return _Binding(modules, fsdp_params, members, param_names, mesh_group, layout, on_accelerator)
+    return _Binding(modules, fsdp_params, members, param_names, mesh, layout, on_accelerator)
 
 
 def _group_for_failure(model: nn.Module, state: Any) -> dist.ProcessGroup | None:
@@ -178,7 +184,9 @@ class _Plan:
     ``segments`` are the block segments of the concatenated local shards (adjacent runs of one
     block merged); ``param_segments`` are ``(parameter index, start, stop)``, used only to name a
     non-finite parameter. Local shards are the unpadded ``to_local()`` views: FSDP's dim-0 padding
-    never enters the stash, so every column is a real element counted on exactly one rank.
+    never enters the stash. ``own`` are the stash columns whose Gramians this rank contributes: all
+    of them, except under HSDP, where the replicas holding the same shards divide them (as DDP's
+    replicated strategy divides buckets), so that every element is counted on exactly one rank.
     """
 
     params: tuple[nn.Parameter, ...]
@@ -191,10 +199,19 @@ class _Plan:
     stash: Tensor  # [m, L]
     views: list[list[Tensor]]  # views[task][i]: stash row `task` of parameter i, in its local shape
     reached: list[bool]  # whether any task of the pending step gave parameter i a gradient
+    own: tuple[int, int]  # the columns [lo, hi) this rank's Gramians cover
 
     @property
     def length(self) -> int:
         return self.offsets[-1]
+
+    def piece(self) -> Piece:
+        """This rank's piece for the engine: the whole stash, or (HSDP) its replica's share of it."""
+        lo, hi = self.own
+        if (lo, hi) == (0, self.length):
+            return Piece(self.stash, self.segments, self.param_segments)
+        params = [(i, max(a, lo) - lo, min(b, hi) - lo) for i, a, b in self.param_segments if max(a, lo) < min(b, hi)]
+        return Piece(self.stash[:, lo:hi], segments_of_range(self.segments, lo, hi), params)
 
 
 class FSDPGradVac(Driver):
@@ -259,17 +276,16 @@ class FSDPGradVac(Driver):
         self._on_accelerator = binding.on_accelerator
         self.param_names = binding.param_names
         self.layout: BlockLayout = binding.layout
-        self.engine = Engine(state, binding.group, self.layout, self.param_names, "fsdp2")
+        self.mesh = binding.mesh
+        self.engine = Engine(state, binding.mesh.group, self.layout, self.param_names, "fsdp2")
         self._accumulation = _Accumulation(binding.fsdp_params, binding.members, state.num_tasks)
         self._plan: _Plan | None = None
 
     # -- identity ------------------------------------------------------------------------------------
     @property
     def group(self) -> dist.ProcessGroup:
-        """The FSDP mesh's process group, over which the Gramians are summed."""
-        group = self.engine.group
-        assert group is not None, "the FSDP mesh always has a group"
-        return group
+        """The process group the Gramians are summed over: the FSDP mesh's (under HSDP, every rank)."""
+        return self.mesh.group
 
     @property
     def stash_bytes(self) -> int:
@@ -380,7 +396,7 @@ class FSDPGradVac(Driver):
                 plan.reached[:] = [False] * len(plan.params)
                 _grads.put_back(plan.params, prior)
         with state.counters.phase("step"):
-            outcome = self.engine.step([Piece(plan.stash, plan.segments, plan.param_segments)])
+            outcome = self.engine.step([plan.piece()])
             with state.counters.phase("combine"):
                 self._write_grads(plan, outcome.coefficients)
                 _grads.add_back(plan.params, prior)
@@ -464,14 +480,15 @@ class FSDPGradVac(Driver):
         plan = self._plan
         if plan is not None and all(a is b for a, b in zip(plan.params, params)):
             return plan
-        _mesh_group(params, self.param_names)
+        if _mesh_of(params, self.param_names) != self.mesh:
+            raise ValueError("the model was re-sharded on another mesh since register_fsdp; register it again.")
         numels = tuple(p.numel() for p in params)
         if numels != self.layout.numels:
             raise ValueError(
                 "the model's parameters changed shape since register_fsdp; register a new GradVacState for a "
                 "different model."
             )
-        self._plan = _build_plan(params, self.layout, self.state.num_tasks)
+        self._plan = _build_plan(params, self.layout, self.state.num_tasks, self.mesh)
         return self._plan
 
 
@@ -526,7 +543,7 @@ class _Accumulation:
                 sums[i] = None
 
 
-def _build_plan(params: Sequence[nn.Parameter], layout: BlockLayout, m: int) -> _Plan:
+def _build_plan(params: Sequence[nn.Parameter], layout: BlockLayout, m: int, mesh: _Mesh) -> _Plan:
     locals_ = [p.to_local() for p in params]
     device = locals_[0].device
     if any(t.device != device for t in locals_):
@@ -560,7 +577,13 @@ def _build_plan(params: Sequence[nn.Parameter], layout: BlockLayout, m: int) -> 
         stash=stash,
         views=views,
         reached=[False] * len(params),
+        own=_share(offsets[-1], mesh.replica, mesh.replicas),
     )
+
+
+def _share(length: int, replica: int, replicas: int) -> tuple[int, int]:
+    """Replica ``replica``'s columns of ``length``, in ``replicas`` contiguous near-equal parts."""
+    return length * replica // replicas, length * (replica + 1) // replicas
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -574,9 +597,19 @@ def _ranks(group: Any) -> list[int]:
     return list(dist.get_process_group_ranks(group))
 
 
-def _mesh_group(params: Sequence[nn.Parameter], names: Sequence[str]) -> dist.ProcessGroup:
-    """The process group all parameters are sharded over (a 1-D mesh, ``Shard`` placements)."""
-    group = None
+class _Mesh(NamedTuple):
+    """How the parameters are placed: the group the Gramians are summed over (every rank of the mesh),
+    and this rank's replica among the ``replicas`` that hold the same shards (HSDP; 1 for plain FSDP)."""
+
+    group: dist.ProcessGroup
+    replica: int
+    replicas: int
+
+
+def _mesh_of(params: Sequence[nn.Parameter], names: Sequence[str]) -> _Mesh:
+    """The mesh all parameters are sharded on: 1-D (``Shard``), or HSDP's 2-D (``Replicate``, ``Shard``)."""
+    found: _Mesh | None = None
+    mesh_ranks: list[int] | None = None
     for p, name in zip(params, names):
         if not isinstance(p, DTensor):
             raise ValueError(
@@ -584,19 +617,31 @@ def _mesh_group(params: Sequence[nn.Parameter], names: Sequence[str]) -> dist.Pr
                 "module too (after the per-layer calls), register that root, and register between steps (not "
                 "between a forward and its backward, when FSDP holds unsharded parameters)."
             )
-        mesh = p.device_mesh
-        if mesh.ndim != 1 or not all(pl.is_shard() for pl in p.placements):
+        mesh, placements = p.device_mesh, p.placements
+        ranks = sorted(int(r) for r in mesh.mesh.flatten().tolist())
+        if mesh.ndim == 1 and all(pl.is_shard() for pl in placements):
+            here = _Mesh(mesh.get_group(0), 0, 1)
+        elif mesh.ndim == 2 and placements[0].is_replicate() and placements[1].is_shard():
+            if ranks != list(range(dist.get_world_size())):
+                raise ValueError(
+                    f"parameter {name!r} is on an HSDP mesh of ranks {ranks}, not the whole job's "
+                    f"{dist.get_world_size()} ranks; GradVac under HSDP sums the Gramians over the default group, "
+                    "so the mesh must span every rank (init_device_mesh(device, (replicas, shards)))."
+                )
+            replicate = mesh.get_group(0)
+            here = _Mesh(dist.group.WORLD, dist.get_rank(replicate), dist.get_world_size(replicate))
+        else:
             raise ValueError(
-                f"parameter {name!r} is placed {p.placements} on a {mesh.ndim}-D mesh; GradVac under FSDP2 supports "
-                "plain sharding on a 1-D mesh (HSDP / replicate meshes are not supported yet)."
+                f"parameter {name!r} is placed {placements} on a {mesh.ndim}-D mesh; GradVac under FSDP2 supports "
+                "plain sharding on a 1-D mesh and HSDP (Replicate, Shard) on a 2-D mesh. Tensor or other "
+                "parallelism on further mesh dimensions is not supported."
             )
-        g = mesh.get_group(0)
-        if group is None:
-            group = g
-        elif _ranks(g) != _ranks(group):
+        if found is None:
+            found, mesh_ranks = here, ranks
+        elif ranks != mesh_ranks or here.replicas != found.replicas or _ranks(here.group) != _ranks(found.group):
             raise ValueError("GradVac under FSDP2 needs all parameters sharded over the same ranks (one mesh).")
-    assert group is not None
-    return group
+    assert found is not None
+    return found
 
 
 def fsdp_backward(model: nn.Module, losses: Sequence[Tensor], sync: bool | None = None) -> None:

@@ -51,8 +51,14 @@ def make_model(seed: int = 0) -> MultiTask:
     return MultiTask().double().to(DEVICE)
 
 
-def shard(model: MultiTask, world: int, reshard_after_forward: bool = True, mp: bool = False) -> MultiTask:
-    mesh = init_device_mesh(DEVICE.type, (world,))
+def shard(
+    model: MultiTask, world: int, reshard_after_forward: bool = True, mp: bool = False, hsdp: list | None = None
+) -> MultiTask:
+    """``fully_shard`` per layer and on the root; ``hsdp=[replicas, shards]``: HSDP on that 2-D mesh."""
+    if hsdp:  # FSDP2 wants the dimensions named for HSDP
+        mesh = init_device_mesh(DEVICE.type, tuple(hsdp), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(DEVICE.type, (world,))
     kwargs: dict = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float64)
@@ -174,11 +180,12 @@ def run_config(
     ddp=False,
     prior=False,
     steps=3,
+    hsdp=None,
 ):
     model = make_model()
     plain = copy.deepcopy(model)
     ddp_model = DDP(copy.deepcopy(model), find_unused_parameters=True, bucket_cap_mb=0.0005) if ddp else None
-    shard(model, world, reshard_after_forward=raf, mp=mp)
+    shard(model, world, reshard_after_forward=raf, mp=mp, hsdp=hsdp)
     state = GradVacState(num_tasks=M, seed=7, grouping=grouping, shared_params=shared)
     handle = register_fsdp(model, state, reshard_between_passes=between)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -366,8 +373,8 @@ def equivalence_body(rank, world, configs):
 # -- checkpoints through torch.distributed.checkpoint ---------------------------------------------------
 
 
-def _setup(world, seed=0, grouping="module"):
-    model = shard(make_model(seed), world)
+def _setup(world, seed=0, grouping="module", hsdp=None):
+    model = shard(make_model(seed), world, hsdp=hsdp)
     state = GradVacState(num_tasks=M, seed=3, grouping=grouping)
     handle = register_fsdp(model, state)
     return model, state, handle, torch.optim.SGD(model.parameters(), lr=0.05)
@@ -386,22 +393,22 @@ def _gradvac_snapshot(state):
     return {"targets": traj.targets.clone(), "generator": traj.generator.get_state(), "step": traj.step}
 
 
-def checkpoint_body(rank, world, folder):
+def checkpoint_body(rank, world, folder, hsdp=None):
     out = {}
     # A: 4 steps straight
-    model_a, state_a, _, opt_a = _setup(world)
+    model_a, state_a, _, opt_a = _setup(world, hsdp=hsdp)
     _train(model_a, opt_a, rank, world, 0, 4)
     out["straight"] = {"params": full_params(model_a), **_gradvac_snapshot(state_a)}
 
     # B: 2 steps, then a DCP checkpoint of the model and GradVac (the handle is Stateful)
-    model_b, state_b, handle_b, opt_b = _setup(world)
+    model_b, state_b, handle_b, opt_b = _setup(world, hsdp=hsdp)
     _train(model_b, opt_b, rank, world, 0, 2)
     saved = os.path.join(folder, "step2")
     dcp.save({"model": get_model_state_dict(model_b), "gradvac": handle_b}, checkpoint_id=saved)
     out["saved"] = _gradvac_snapshot(state_b)
 
     # C: a fresh model (another init) and a fresh handle load the checkpoint, then run steps 2..3
-    model_c, state_c, handle_c, opt_c = _setup(world, seed=1)
+    model_c, state_c, handle_c, opt_c = _setup(world, seed=1, hsdp=hsdp)
     to_load = {"model": get_model_state_dict(model_c), "gradvac": handle_c}
     dcp.load(to_load, checkpoint_id=saved)
     set_model_state_dict(model_c, to_load["model"])
@@ -410,14 +417,14 @@ def checkpoint_body(rank, world, folder):
     out["resumed"] = {"params": full_params(model_c), **_gradvac_snapshot(state_c)}
 
     # A checkpoint taken before any step round-trips too (no targets yet)
-    handle_d = _setup(world)[2]
+    handle_d = _setup(world, hsdp=hsdp)[2]
     fresh = os.path.join(folder, "fresh")
     dcp.save({"gradvac": handle_d}, checkpoint_id=fresh)
     dcp.load({"gradvac": handle_c}, checkpoint_id=fresh)
     out["fresh_loaded"] = (state_c.step, state_c.trajectory.targets is None)
 
     # Another grouping's checkpoint is refused with a clear error, leaving the state unchanged
-    _, state_e, handle_e, _ = _setup(world, grouping="whole")
+    _, state_e, handle_e, _ = _setup(world, grouping="whole", hsdp=hsdp)
     out["wrong_grouping"] = _capture(lambda: dcp.load({"gradvac": handle_e}, checkpoint_id=saved))
     out["wrong_grouping_step"] = state_e.step
     return out
@@ -455,3 +462,22 @@ def refused_without_cpu_streams_body(rank, world, hide):
     finally:
         if saved is not None and not hasattr(torch.cpu.Stream, "record_event"):
             torch.cpu.Stream.record_event = saved
+
+
+def squared_norm_weights(gramian: torch.Tensor) -> torch.Tensor:
+    """A weighting that sees the Gramian's scale (GradVac's cosines do not): task l weighs |g_l|^2."""
+    return gramian.diagonal().clone()
+
+
+def hsdp_gramian_body(rank, world, hsdp):
+    """Under HSDP every element must enter the Gramians exactly once (replicas hold the same shards):
+    a weighting of the squared norms gives ``sum_l |g_l|^2 g_l``, which double counting would scale."""
+    plain = make_model()
+    model = shard(copy.deepcopy(plain), world, hsdp=hsdp)
+    register_fsdp(model, GradVacState(num_tasks=M, weighting=squared_norm_weights))
+    x, ys = batch(0, rank, world)
+    jac = rank_mean_jacobian(plain, x, ys, world)
+    expected = (jac * (jac * jac).sum(1, keepdim=True)).sum(0)
+    gradvac_dist.backward(model, task_losses(model(x), ys))
+    got = full_grad(model)
+    return float((got - expected).norm() / expected.norm())

@@ -163,3 +163,47 @@ def test_fsdp2_on_cpu_refused_without_cpu_streams():
     for res in run_distributed(fsdp_bodies.refused_without_cpu_streams_body, WORLD, FSDP_ON_CPU, timeout=120):
         kind, message = res
         assert kind == "RuntimeError" and "torch.cpu.Stream.record_event" in message and "2.7" in message, res
+
+
+HSDP = [2, 2]  # 2 replicas x 2 shards: 4 ranks
+HSDP_CONFIGS = [
+    {"grouping": "whole", "raf": True, "hsdp": HSDP},
+    {"grouping": "parameter", "raf": False, "hsdp": HSDP, "shared": ["encoder"]},
+    {"grouping": "module", "raf": True, "hsdp": HSDP, "accum": 2},
+    {"grouping": "module", "raf": True, "hsdp": HSDP, "prior": True},
+]
+
+
+@needs_fsdp_on_cpu
+def test_hsdp_on_a_2x2_mesh_is_exact_and_in_lockstep():
+    """HSDP (replicate across 2, shard within 2): each task's rank-mean gradient arrives sharded and
+    averaged across replicas; the replicas divide their shard's Gramian columns, the one all-reduce
+    spans all 4 ranks, and every rank runs the identical step."""
+    configs = [dict(cfg, steps=2) for cfg in HSDP_CONFIGS]
+    results = run_distributed(fsdp_bodies.equivalence_body, 4, configs, timeout=240)
+    for c, cfg in enumerate(configs):
+        first = results[0]["configs"][c]
+        for res in (r["configs"][c] for r in results):
+            assert res["max_rel_err"] < 1e-10, (cfg, res["max_rel_err"])
+            assert torch.allclose(res["targets"], res["ref_targets"], atol=1e-10, rtol=0), cfg
+            assert torch.allclose(res["params"], res["ref_params"], atol=1e-10, rtol=0), cfg
+            assert res["placements_ok"], cfg
+            assert torch.equal(res["params"], first["params"]) and torch.equal(res["targets"], first["targets"])
+            assert res["calls"]["gramian_all_reduce"] == 2, res["calls"]
+
+
+@needs_fsdp_on_cpu
+def test_hsdp_dcp_round_trip_and_resume(tmp_path):
+    results = run_distributed(fsdp_bodies.checkpoint_body, 4, str(tmp_path), HSDP, timeout=240)
+    for res in results:
+        straight, resumed = res["straight"], res["resumed"]
+        assert resumed["step"] == straight["step"] == 4
+        assert torch.equal(resumed["targets"], straight["targets"])
+        assert torch.equal(resumed["params"], straight["params"])
+        assert res["wrong_grouping"][0] == "ValueError"
+
+
+@needs_fsdp_on_cpu
+def test_hsdp_counts_every_element_once_in_the_gramians():
+    for err in run_distributed(fsdp_bodies.hsdp_gramian_body, 4, HSDP, timeout=120):
+        assert err < 1e-10, err

@@ -148,6 +148,7 @@ def test_ddp_across_two_nodes_is_exact(namespaces_work, tmp_path, nproc):
 FSDP_CONFIGS = [{"grouping": "module", "raf": True, "steps": 3}, {"grouping": "whole", "raf": False, "steps": 3}]
 
 
+@pytest.mark.skipif(not hasattr(torch.cpu.Stream, "record_event"), reason="FSDP2 on a CPU mesh needs torch 2.7+")
 def test_fsdp2_across_two_nodes_is_exact(namespaces_work, tmp_path):
     results = run_two_nodes(tmp_path, "fsdp", FSDP_CONFIGS, 1)
     for c, cfg in enumerate(FSDP_CONFIGS):
@@ -157,6 +158,18 @@ def test_fsdp2_across_two_nodes_is_exact(namespaces_work, tmp_path):
             assert torch.allclose(res["params"], res["ref_params"], atol=1e-10, rtol=0), cfg
             assert res["placements_ok"], cfg
             assert torch.equal(res["targets"], first["targets"]), cfg
+
+
+@pytest.mark.skipif(not hasattr(torch.cpu.Stream, "record_event"), reason="FSDP2 on a CPU mesh needs torch 2.7+")
+def test_hsdp_across_two_nodes_is_exact(namespaces_work, tmp_path):
+    """HSDP with the mesh nodes x ranks per node: replicate across the nodes, shard within each."""
+    configs = [{"grouping": "module", "raf": True, "hsdp": [2, 2], "steps": 2}]
+    results = run_two_nodes(tmp_path, "fsdp", configs, 2)
+    first = results[0]["configs"][0]
+    for res in (r["configs"][0] for r in results):
+        assert res["max_rel_err"] < 1e-10, res["max_rel_err"]
+        assert torch.allclose(res["params"], res["ref_params"], atol=1e-10, rtol=0)
+        assert torch.equal(res["params"], first["params"]) and torch.equal(res["targets"], first["targets"])
 
 
 TRAIN = ["--body", "train", "--steps", "8", "--ckpt-every", "2", "--step-sleep", "0.3"]
