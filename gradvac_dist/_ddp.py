@@ -633,15 +633,9 @@ def ddp_backward(ddp: DistributedDataParallel, losses: Any, sync: bool | None = 
     # (Engine.agree), so a bad input on one rank (a task with no samples there returning a constant)
     # raises on all of them instead of leaving the others waiting in the passes.
     wrapper_sync = bool(ddp.require_backward_grad_sync)
-    error: Exception | None = None
-    try:
-        losses, sync = _check_step(runtime, losses, sync, wrapper_sync)
-    except (ValueError, TypeError, RuntimeError) as err:
-        error = err
-    if wrapper_sync:
-        runtime.engine.agree(len(losses) if error is None else 0, error)
-    elif error is not None:
-        raise error
+    losses, sync = runtime.engine.checked(
+        lambda: _check_step(runtime, losses, sync, wrapper_sync), lambda checked: len(checked[0]), wrapper_sync
+    )
     if not sync:
         runtime.micro_batches.accumulate(losses)
         return

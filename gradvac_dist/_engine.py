@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -62,6 +62,8 @@ __all__ = [
     "drivers",
     "settings",
 ]
+
+_T = TypeVar("_T")
 
 #: Where the coefficient stage runs: on the host below this many Gramian entries (K*m*m), on the
 #: pieces' device at or above it. The stage is m-1 sequential visits of about a dozen element-wise
@@ -233,6 +235,20 @@ class Engine:
         )
         check_agreement(mine, AGREEMENT_ENTRIES, self.group, self.state.counters, local_error=local_error)
         self.agreed = self.agreed or remember
+
+    def checked(self, check: Callable[[], _T], num_losses: Callable[[_T], int], synchronising: bool) -> _T:
+        """Runs a step's input checks (``check``, which raises on a bad input) and returns its result; at a
+        synchronising step every rank then learns whether every rank's passed (:meth:`agree`)."""
+        error: Exception | None = None
+        try:
+            result = check()
+        except (ValueError, TypeError, RuntimeError) as err:
+            error = err
+        if synchronising:
+            self.agree(num_losses(result) if error is None else 0, error)
+        elif error is not None:
+            raise error
+        return result
 
     def step(self, pieces: Sequence[Piece], wait_last: Callable[[], None] | None = None) -> StepOutcome:
         """Gramians of the pieces, the one all-reduce, and the coefficient stage.

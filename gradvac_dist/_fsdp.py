@@ -47,7 +47,7 @@ from . import _torch_compat as compat
 from ._blocks import BlockLayout, Segment, append_segment, combine, layout_of, segments_of_range
 from ._checks import check_loss_count, check_losses, reject_fsdp1, reject_sparse
 from ._comm import CommCounters
-from ._engine import Driver, Engine, Piece, agree_on_failure, attach, check_attachable, detach, driver_of
+from ._engine import Driver, Engine, Piece, agree_on_failure, attach, detach, driver_of
 from ._state import GradVacState, from_plain, to_plain
 
 __all__ = ["FSDPGradVac", "fsdp_backward", "is_fsdp2", "register_fsdp"]
@@ -109,7 +109,6 @@ def _register(model: nn.Module, state: GradVacState, reshard_between_passes: boo
         )
     if not isinstance(state, GradVacState):
         raise TypeError(f"register_fsdp(model, state): state must be a gradvac_dist.GradVacState, got {state!r}.")
-    check_attachable(model, state)
     if state.strategy not in (None, "sharded"):
         raise ValueError(
             f"GradVacState(strategy={state.strategy!r}) is a DDP setting; under FSDP2 each task's gradient is always "
@@ -338,16 +337,8 @@ class FSDPGradVac(Driver):
         every rank (see :meth:`Engine.agree`): a bad input on one rank raises on all of them.
         """
         sync_on = compat.gradient_sync_enabled(g for _, gs in self._modules for g in gs)
-        error: Exception | None = None
-        try:
-            losses = self._check_step(losses, sync, sync_on)
-        except (ValueError, TypeError, RuntimeError) as err:
-            error = err
-        if sync_on:
-            self.engine.agree(len(losses) if error is None else 0, error)
-        elif error is not None:
-            raise error
-        self._step(losses, bool(sync_on))
+        checked = self.engine.checked(lambda: self._check_step(losses, sync, sync_on), len, bool(sync_on))
+        self._step(checked, bool(sync_on))
 
     def _check_step(self, losses: Any, sync: bool | None, sync_on: bool | None) -> list[Tensor]:
         """This step's input checks, each once; the checked losses."""
