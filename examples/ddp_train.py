@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--strategy", default=None, choices=gradvac_dist.STRATEGIES, help="default: by backend")
     ap.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
     ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument(
+        "--per-task", action="store_true", help="each task trains on its own samples (one forward per task)"
+    )
     args = ap.parse_args()
 
     # torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for every process.
@@ -92,8 +95,12 @@ def main() -> None:
 
     for step in range(args.steps):
         x, ys = synthetic_batch(step, rank, args.batch, teachers, device)
-        outs = ddp(x)
-        losses = [nn.functional.mse_loss(out, y) for out, y in zip(outs, ys)]
+        if args.per_task:  # per-task data: task t's loss on its own share of the batch, one forward each
+            per = args.batch // num_tasks
+            share = [slice(t * per, (t + 1) * per) for t in range(num_tasks)]
+            losses = [nn.functional.mse_loss(ddp(x[share[t]])[t], ys[t, share[t]]) for t in range(num_tasks)]
+        else:
+            losses = [nn.functional.mse_loss(out, y) for out, y in zip(ddp(x), ys)]
         # 3. One backward pass per task; the hook reduces them and applies GradVac.
         gradvac_dist.backward(ddp, losses)
         optimizer.step()

@@ -48,6 +48,10 @@ def backward(
     - FSDP2 (``fully_shard``) root module with :func:`gradvac_dist.register_fsdp` called on it: see
       :class:`gradvac_dist.FSDPGradVac`; configuration from the registered :class:`GradVacState`.
 
+    The losses may come from one forward on a shared batch or from one forward per task on that
+    task's own samples (per-task data: ``[loss_fn(ddp(x_t)[t], y_t) for t, ...]``); either way task
+    ``t``'s gradient is that of ``losses[t]``.
+
     Args:
         model: the module whose parameters receive the gradient.
         losses: one scalar loss per task (a sequence, or a 1-D tensor).

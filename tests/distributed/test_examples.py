@@ -25,10 +25,10 @@ def test_single_process_example(tmp_path):
     assert "corrections" in out
 
 
-@pytest.mark.parametrize("strategy", ["replicated", "sharded"])
-def test_ddp_example_with_torchrun(tmp_path, strategy):
+@pytest.mark.parametrize(("strategy", "per_task"), [("replicated", False), ("sharded", False), ("sharded", True)])
+def test_ddp_example_with_torchrun(tmp_path, strategy, per_task):
     args = [*torchrun(), "examples/ddp_train.py", "--steps", "3", "--strategy", strategy]
-    out = run(args, tmp_path)
+    out = run(args + (["--per-task"] if per_task else []), tmp_path)
     assert "done: 3 steps on 2 ranks (gloo), GradVac step 3" in out
 
 

@@ -160,3 +160,9 @@ def _check_one_rank_refuses(results, first_step):
     (step0, grads0, gen0), (step1, grads1, gen1) = results[0]["after"], results[1]["after"]
     assert step0 == step1 == (1 if first_step else 2)
     assert torch.equal(grads0, grads1) and torch.equal(gen0, gen1)
+
+
+@pytest.mark.parametrize("grouping", ["whole", "module"])
+def test_per_task_data_with_one_forward_per_task_is_exact(grouping):
+    for errs in run_distributed(bodies.per_task_data_body, 2, grouping, timeout=120):
+        assert max(errs) < 1e-10, errs

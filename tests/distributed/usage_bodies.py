@@ -355,3 +355,36 @@ def one_rank_refuses_body(rank, world, first_step, fsdp=False):
     grads = [p.grad.full_tensor() if fsdp else p.grad for p in model.parameters() if p.grad is not None]
     out["after"] = (state.step, torch.cat([g.flatten() for g in grads]), state.trajectory.generator.get_state())
     return out
+
+
+def per_task_data_body(rank, world, grouping, steps=2):
+    """Per-task data (each sample belongs to one task, as in the GradVac paper's multilingual setting):
+    one forward per task through ``ddp`` on that task's own samples, then ``backward(ddp, losses)``.
+    Exact against GradVac on the rank-mean Jacobian whose row t is task t's gradient on its samples."""
+    model = make_model()
+    plain = copy.deepcopy(model)
+    ddp, _ = _ddp(model, grouping=grouping)
+    cols, sizes = block_columns(plain, grouping, None)
+    ref = GradVac()
+    opt, ref_opt = torch.optim.SGD(model.parameters(), lr=0.05), torch.optim.SGD(plain.parameters(), lr=0.05)
+    params = [p for p in plain.parameters() if p.requires_grad]
+    errs = []
+    for step in range(steps):
+        x, ys = batch(step, rank, world)
+        per = x.shape[0] // M  # task t trains on its own third of the samples
+        shares = [(x[t * per : (t + 1) * per], ys[t, t * per : (t + 1) * per]) for t in range(M)]
+        rows = []
+        for t, (xt, yt) in enumerate(shares):
+            loss = ((plain(xt)[t] - yt) ** 2).mean()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            rows.append(
+                torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+            )
+        local = torch.stack(rows)
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local)
+        expected = reference_grad(ref, torch.stack(gathered).mean(0), cols, sizes)
+        losses = [((ddp(xt)[t] - yt) ** 2).mean() for t, (xt, yt) in enumerate(shares)]  # one forward per task
+        gradvac_dist.backward(ddp, losses)
+        errs.append(_step_both(model, plain, expected, opt, ref_opt))
+    return errs
