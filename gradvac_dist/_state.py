@@ -426,7 +426,22 @@ class GradVacState:
         return {"settings": self.settings, "trajectory": self.trajectory.state_dict()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._build(state["settings"], None)
+        settings = state.get("settings")
+        if settings is None:  # a state pickled by 0.1.0: the frozen config and the settings apart
+            config = state["config"]
+            settings = GradVacSettings(
+                num_tasks=state["num_tasks"],
+                beta=config.beta,
+                eps=config.eps,
+                seed=config.seed,
+                on_nonfinite=config.on_nonfinite,
+                grouping=state["grouping"],
+                strategy=state["strategy"],
+                shared_params=state["shared_params"],
+                check_sync_every=state["check_sync_every"],
+                weighting=state.get("weighting"),
+            )
+        self._build(settings, None)
         self.trajectory.load_state_dict(state["trajectory"])
 
 

@@ -111,3 +111,21 @@ def test_old_names_stay_importable_for_one_release_with_a_deprecation_warning(ol
 def test_from_import_of_an_old_name_warns_too():
     with pytest.warns(DeprecationWarning, match="WeightedAggregator is deprecated"):
         from gradvac_dist import WeightedAggregator  # noqa: F401
+
+
+def test_a_state_pickled_by_0_1_0_still_loads():
+    """0.1.0 pickled the frozen config (beta, eps, seed, on_nonfinite) and the other settings apart."""
+
+    class Config:  # what GradVacConfig held, as pickle restores it (attributes only)
+        beta, eps, seed, on_nonfinite = 0.3, 1e-7, 5, "skip"
+
+    source = GradVacState(num_tasks=3, beta=0.3, eps=1e-7, seed=5, on_nonfinite="skip", grouping="parameter")
+    source.trajectory.advance(torch.eye(3, dtype=torch.float64).repeat(2, 1, 1), (4, 4), 0.3, 1e-7)
+    old = {
+        "num_tasks": 3, "config": Config(), "grouping": "parameter", "strategy": None, "shared_params": None,
+        "check_sync_every": None, "weighting": None, "trajectory": source.trajectory.state_dict(),
+    }  # fmt: skip
+    state = GradVacState.__new__(GradVacState)
+    state.__setstate__(old)
+    assert state.settings == source.settings and state.step == 1
+    assert torch.equal(state.trajectory.targets, source.trajectory.targets)
