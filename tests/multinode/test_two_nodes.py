@@ -66,7 +66,13 @@ class TwoNodes:
     bound), always removes its namespaces, and returns its exit status and output."""
 
     def __init__(
-        self, tmp_path: Path, job_args: list[str], nproc: int, script: str = "tests/multinode/job.py", **env: str
+        self,
+        tmp_path: Path,
+        job_args: list[str],
+        nproc: int,
+        script: str = "tests/multinode/job.py",
+        rate: str | None = None,
+        **env: str,
     ) -> None:
         self.tag = f"gvt{os.getpid() % 10000}{next(_runs)}"  # namespace names <= 15 characters
         self.out, self.logs = tmp_path / "out", tmp_path / "logs"
@@ -74,6 +80,7 @@ class TwoNodes:
         full_env = dict(os.environ, SCRIPT=script, GRADVAC_NS_TAG=self.tag, RDZV_ID=self.tag)
         full_env.update(OMP_NUM_THREADS="1", **env)
         cmd = ["bash", "launch/two_nodes.sh", "--nproc", str(nproc), "--timeout", str(JOB_TIMEOUT_S)]
+        cmd += ["--rate", rate] if rate else []
         out_flag = "--out" if script.startswith("tests/") else "--checkpoint"
         cmd += ["--logs", str(self.logs), "--", *job_args, out_flag, str(self.out)]
         tmp_path.mkdir(parents=True, exist_ok=True)
@@ -106,11 +113,13 @@ class TwoNodes:
         return [int(p) for p in listed.stdout.split()]
 
 
-def run_two_nodes(tmp_path: Path, body: str, configs: list[dict], nproc: int) -> list[dict]:
+def run_two_nodes(tmp_path: Path, body: str, configs: list[dict], nproc: int, rate: str | None = None) -> list[dict]:
     """Runs ``tests/multinode/job.py --body body`` on two namespaces; returns every rank's result, by rank."""
-    job = TwoNodes(tmp_path, ["--body", body, "--configs", json.dumps(configs)], nproc)
+    job = TwoNodes(tmp_path, ["--body", body, "--configs", json.dumps(configs)], nproc, rate=rate)
     rc, text = job.finish()
     assert rc == 0, f"two_nodes.sh exited {rc}:\n{text[-6000:]}"
+    if rate:
+        assert f", {rate}; logs in" in text, text[:500]  # the link was rate-limited with tbf
     world = 2 * nproc
     saved = [torch.load(job.out / f"rank{r}.pt", weights_only=False) for r in range(world)]
     assert all(s["world"] == world for s in saved)
@@ -136,9 +145,11 @@ DDP_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("nproc", [1, 2], ids=["2 nodes x 1 rank", "2 nodes x 2 ranks"])
-def test_ddp_across_two_nodes_is_exact(namespaces_work, tmp_path, nproc):
-    results = run_two_nodes(tmp_path, "ddp", DDP_CONFIGS, nproc)
+@pytest.mark.parametrize(
+    ("nproc", "rate"), [(1, None), (2, None), (1, "200mbit")], ids=["2x1", "2x2", "2x1 on a 200 Mbit/s link"]
+)
+def test_ddp_across_two_nodes_is_exact(namespaces_work, tmp_path, nproc, rate):
+    results = run_two_nodes(tmp_path, "ddp", DDP_CONFIGS, nproc, rate)
     for c, cfg in enumerate(DDP_CONFIGS):
         first = results[0][c]
         for res in (r[c] for r in results):
