@@ -282,6 +282,8 @@ class DDPGradVac(Driver):
         #: parameters that got a gradient in an earlier pass of this step (see clear_grads)
         self.reached = [False] * len(params)
         self.micro_batches = _MicroBatches(self)
+        #: whether the first step's losses were checked for a second DDP module in their graph
+        self.graph_checked = False
 
     def buffer_bytes(self) -> dict[str, int]:
         plans = self.plans.values()
@@ -587,8 +589,9 @@ def _check_step(runtime: DDPGradVac, losses: Any, sync: bool | None, wrapper_syn
     """This step's input checks, each once: the losses, the trainable set, the sync switch; the
     checked losses and whether the step synchronises."""
     losses = check_losses(losses)
-    if not runtime.engine.agreed:  # until the first synchronising step: one walk of the graph
+    if not runtime.graph_checked:  # the first step's losses: one walk of the graph
         _refuse_other_ddp_modules(runtime.module, losses)
+        runtime.graph_checked = True
     if tuple(p.requires_grad for p in runtime.params) != runtime.trainable:
         changed = [
             n for n, p, t in zip(runtime.engine.param_names, runtime.params, runtime.trainable) if p.requires_grad != t

@@ -55,7 +55,6 @@ __all__ = [
     "StepOutcome",
     "agree_on_failure",
     "attach",
-    "check_attachable",
     "check_in_sync",
     "detach",
     "driver_of",
@@ -69,9 +68,9 @@ _T = TypeVar("_T")
 #: pieces' device at or above it. The stage is m-1 sequential visits of about a dozen element-wise
 #: ops each on [K, m] tensors: on an accelerator each op is a kernel launch (a fixed cost, whatever
 #: the size), on the host a small op costs less than a launch but grows with K*m*m (host timings:
-#: docs/design.md, "Thresholds"). The step needs the host anyway for its one synchronisation (the finiteness decision), so small problems avoid
-#: dozens of launches and large ones keep their arithmetic on the accelerator. On the CPU (gloo)
-#: host and device are the same.
+#: docs/design.md, "Thresholds"). The step needs the host anyway for its one synchronisation (the
+#: finiteness decision), so small problems avoid dozens of launches and large ones keep their
+#: arithmetic on the accelerator. On the CPU (gloo) host and device are the same.
 DEVICE_STAGE_MIN_ENTRIES = 1 << 15
 
 
@@ -442,21 +441,17 @@ class Driver:
 _DRIVERS: weakref.WeakKeyDictionary[nn.Module, Driver] = weakref.WeakKeyDictionary()
 
 
-def check_attachable(model: nn.Module, state: GradVacState, driver: Driver | None = None) -> None:
-    """Refuses a model or a state already linked to a driver other than ``driver``."""
+def attach(model: nn.Module, driver: Driver) -> None:
+    """Links ``model`` and ``driver.state`` to ``driver``; refuses a model or a state linked elsewhere."""
+    state = driver.state
     if state._driver is not None and state._driver is not driver:
         raise ValueError(
             "this GradVacState is already used by another DDP module or FSDP2 model; create one GradVacState per model."
         )
     if _DRIVERS.get(model, driver) is not driver:
         raise ValueError("GradVac is already registered on this model; register once (call handle.remove() first).")
-
-
-def attach(model: nn.Module, driver: Driver) -> None:
-    """Links ``model`` and ``driver.state`` to ``driver``; refuses a model or a state linked elsewhere."""
-    check_attachable(model, driver.state, driver)
     _DRIVERS[model] = driver
-    driver.state._driver = driver
+    state._driver = driver
 
 
 def driver_of(model: nn.Module) -> Driver | None:

@@ -26,6 +26,14 @@ from ._errors import NonFiniteGradientError, first_nonfinite, nonfinite_flags, n
 __all__ = ["local_backward", "task_jacobian"]
 
 
+class _NotDense(ValueError):
+    """A parameter got a sparse (or otherwise not strided) gradient: ``index`` in ``params``."""
+
+    def __init__(self, index: int, layout: torch.layout) -> None:
+        super().__init__(index, layout)
+        self.index, self.layout = index, layout
+
+
 def task_jacobian(losses: Sequence[Tensor], params: Sequence[nn.Parameter]) -> Tensor:
     """The ``[m, n]`` matrix of per-task gradients of ``params``, flattened in order.
 
@@ -47,10 +55,7 @@ def task_jacobian(losses: Sequence[Tensor], params: Sequence[nn.Parameter]) -> T
             if g is None:
                 row.zero_()
             elif g.layout != torch.strided:
-                raise ValueError(
-                    f"a parameter of shape {tuple(p.shape)} got a {g.layout} gradient; GradVac combines dense per-task "
-                    "gradients. Build the layer that produces it with dense gradients (e.g. nn.Embedding(sparse=False))."
-                )
+                raise _NotDense(next(k for k, q in enumerate(params) if q is p), g.layout)
             else:
                 row.copy_(g.reshape(-1))
             offset += p.numel()
@@ -76,16 +81,23 @@ def local_backward(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no parameter with requires_grad=True.")
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    reject_sparse(model, params, names)
     layout = layout_of(model, params, grouping, shared_params)
-    jac = task_jacobian(losses, params)
+    try:
+        jac = task_jacobian(losses, params)
+    except _NotDense as err:  # error path only: name the parameter, and the layer if it is a sparse embedding
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        reject_sparse(model, params, names)
+        raise ValueError(
+            f"parameter {names[err.index]!r} got a {err.layout} gradient; GradVac combines dense per-task gradients. "
+            "Build the layer that produces it with dense gradients (e.g. nn.Embedding(sparse=False))."
+        ) from None
     jac = aggregator._accumulate(jac, params, sync is not False)
     if jac is None:
         return
     try:
         aggregated = aggregator._aggregate(jac, layout.segments(), layout.block_sizes)
     except NonFiniteGradientError as err:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
         offsets = [0, *itertools.accumulate(layout.numels)]
         columns = [(i, offsets[i], offsets[i + 1]) for i in range(len(names))]
         task, index = first_nonfinite(nonfinite_flags([(jac, columns)], jac.shape[0], len(names), jac.device))
