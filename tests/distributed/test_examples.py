@@ -63,6 +63,11 @@ LAUNCH_SCRIPTS = {
         ".venv/bin/accelerate launch --config_file launch/accelerate_cpu.yaml --main_process_port 29500 "
         "examples/accelerate_train.py",
     ),
+    "accelerate_fsdp2_cpu.sh": (
+        {},
+        ".venv/bin/accelerate launch --config_file launch/accelerate_fsdp2_cpu.yaml --main_process_port 29500 "
+        "examples/accelerate_fsdp2.py",
+    ),
     "multinode.sh": (
         MULTINODE_ENV,
         ".venv/bin/torchrun --nnodes 2 --node_rank 1 --nproc_per_node 2 --rdzv_backend c10d "
@@ -148,6 +153,12 @@ def test_gpu_script_without_gpus_points_to_the_cpu_one(script, other):
             marks=needs_fsdp_on_cpu,
         ),
         ("accelerate_cpu.sh", ["--steps", "3"], "done: 3 steps on 2 process(es)"),
+        pytest.param(
+            "accelerate_fsdp2_cpu.sh",
+            ["--steps", "2", "--grad-accum", "2", "--hidden", "16", "--depth", "2"],
+            "done: 2 steps on 2 process(es) (DistributedType.FSDP), GradVac step 2",
+            marks=needs_fsdp_on_cpu,
+        ),
     ],
 )
 def test_cpu_launch_script_command_trains(tmp_path, script, args, expected):
