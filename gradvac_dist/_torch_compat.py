@@ -30,7 +30,8 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``, public there from 2.6):
   an accelerator stream waits for before reading a pass's ``.grad``.
 - gradient accumulation without communication (``set_requires_gradient_sync(False)``): each
   ``FSDPParam``'s ``_unsharded_param.grad`` and ``unsharded_accumulated_grad``, where FSDP keeps the
-  local gradients it has not reduced yet.
+  local gradients it has not reduced yet (from 2.15 all of them on ``_unsharded_param.grad``, the
+  other name a read-only view of it: told apart by whether that property has a setter).
 - *public*: ``DTensor.from_local(..., shape=, stride=)`` builds the sharded ``.grad``.
 - FSDP2 on a CPU mesh needs ``torch.cpu.Stream.record_event`` (torch 2.7 and later).
 
@@ -257,12 +258,24 @@ def sharded_grad(param: DTensor, local: Tensor) -> DTensor:
     )
 
 
+def _accumulates_on_param(fsdp_param: Any) -> bool:
+    """Whether FSDP keeps every unreduced gradient on ``_unsharded_param.grad`` (torch 2.15 and later).
+
+    Before, a gradient accumulated across backward passes with sync off moved to a separate
+    ``unsharded_accumulated_grad`` slot (in the reduce dtype); from 2.15 that name is a read-only
+    view of ``_unsharded_param.grad``, where autograd itself accumulates (in ``grad_dtype``).
+    """
+    slot = getattr(type(fsdp_param), "unsharded_accumulated_grad", None)
+    return isinstance(slot, property) and slot.fset is None
+
+
 def take_unsharded_grad(fsdp_param: Any) -> Tensor | None:
     """Removes and returns the local gradient FSDP keeps unreduced (gradient sync off), if any."""
-    grad = fsdp_param.unsharded_accumulated_grad
-    if grad is not None:
-        fsdp_param.unsharded_accumulated_grad = None
-        return grad
+    if not _accumulates_on_param(fsdp_param):
+        grad = fsdp_param.unsharded_accumulated_grad
+        if grad is not None:
+            fsdp_param.unsharded_accumulated_grad = None
+            return grad
     unsharded = getattr(fsdp_param, "_unsharded_param", None)
     if unsharded is None or unsharded.grad is None:
         return None
@@ -285,7 +298,10 @@ def zeros_unsharded(fsdp_param: Any, dtype: torch.dtype) -> Tensor:
 
 def give_unsharded_grad(fsdp_param: Any, grad: Tensor) -> None:
     """Hands FSDP an unreduced local gradient: its next backward adds to it and reduce-scatters the sum."""
-    fsdp_param.unsharded_accumulated_grad = grad
+    if _accumulates_on_param(fsdp_param):
+        fsdp_param._unsharded_param.grad = grad
+    else:
+        fsdp_param.unsharded_accumulated_grad = grad
 
 
 # -- batched tensor ops ------------------------------------------------------------------------------
