@@ -103,6 +103,10 @@ class GradVacModule(LightningModule):
         opt.zero_grad()
         if (self.global_step - 1) % self.trainer.log_every_n_steps == 0:  # opt.step() counted this step
             self.print(f"step {self.global_step - 1:4d}  losses {' '.join(f'{v.item():.4f}' for v in losses)}")
+            # GradVac's view of the step as plain floats (one host read, only on logging steps); the
+            # same on every rank, so no sync_dist
+            diagnostics = self.gradvac.diagnostics.summary()
+            self.log_dict({f"gradvac/{k}": v for k, v in diagnostics.items() if k != "step"}, on_step=True)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)

@@ -12,6 +12,7 @@ from ._backward import backward
 from ._blocks import GROUPINGS
 from ._comm import STRATEGIES
 from ._ddp import gradvac_hook, register_ddp
+from ._diagnostics import StepDiagnostics
 from ._errors import NonFiniteGradientError
 from ._fsdp import FSDPGradVac, register_fsdp
 from ._settings import GradVacSettings
@@ -29,6 +30,7 @@ __all__ = [
     "GramianAggregator",
     "GramianWeightedAggregator",
     "NonFiniteGradientError",
+    "StepDiagnostics",
     "backward",
     "draw_order",
     "gradvac_hook",

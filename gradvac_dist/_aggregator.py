@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ._blocks import Segment, combine, contiguous_segments, partial_gramians
+from ._diagnostics import StepDiagnostics
 from ._errors import NonFiniteGradientError, first_nonfinite, nonfinite_flags, nonfinite_message
 from ._settings import GradVacSettings
 from ._state import Trajectory
@@ -43,6 +44,13 @@ class GramianAggregator:
     def step(self) -> int:
         """Number of steps taken since creation or the last :meth:`reset`."""
         return self._trajectory.step
+
+    @property
+    def diagnostics(self) -> StepDiagnostics | None:
+        """A read-only view of the latest GradVac step for logging (see :class:`~gradvac_dist.StepDiagnostics`),
+        or ``None`` before the first step, after a skipped one, and for other weightings."""
+        result = self.last_result
+        return StepDiagnostics(result, self.step) if isinstance(result, GradVacStepResult) else None
 
     def reset(self) -> None:
         """Starts a new trajectory: zero targets, generator re-seeded, step 0, any m and blocks."""

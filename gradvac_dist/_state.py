@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ._checks import check_num_tasks
 from ._comm import CommCounters
+from ._diagnostics import StepDiagnostics
 from ._settings import GradVacSettings
 from ._step import GradVacStepResult, StepWorkspace, step_with_drawn_order
 from ._weighting import Weighting, weigh_blocks
@@ -381,6 +382,25 @@ class GradVacState:
     def step(self) -> int:
         """Steps completed."""
         return self.trajectory.step
+
+    @property
+    def diagnostics(self) -> StepDiagnostics | None:
+        """A read-only view of the latest step for logging (per block: mean cosine, corrected fraction,
+        target range), or ``None`` before the first step and after a skipped one. Building it reads
+        nothing from the device; its ``summary()`` and ``per_block()`` return plain floats.
+
+        Example:
+            >>> state = GradVacState(num_tasks=2)
+            >>> state.diagnostics is None       # no step yet
+            True
+        """
+        result = self.last_result
+        if result is None or not isinstance(result, GradVacStepResult):
+            return None
+        names = getattr(getattr(self._driver, "layout", None), "names", None)
+        if names is not None and len(names) != result.cosines.shape[0]:
+            names = None
+        return StepDiagnostics(result, self.step, names)
 
     def buffer_bytes(self) -> dict[str, int]:
         """Bytes of the buffers GradVac keeps on this rank between steps, by kind; empty before the first step.

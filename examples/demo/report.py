@@ -10,7 +10,9 @@
      "targets": {"left/right": 0.05, ...},    # GradVac's EMA target after this step (PCGrad: always 0)
      "corrected": {"left/right": 0.5, ...},   # fraction of those visits that GradVac corrected
      # with --grouping module or parameter: the same cosines per block (layer or parameter)
-     "block_cosines": {"trunk.0": {"left/right": 0.1, ...}, "trunk.2": {...}}}
+     "block_cosines": {"trunk.0": {"left/right": 0.1, ...}, "trunk.2": {...}},
+     # gradvac_dist.StepDiagnostics.summary(): over all blocks and visits
+     "diagnostics": {"step": 1.0, "mean_cosine": 0.1, "corrected_fraction": 0.5, "target_min": 0.0, "target_max": 0.1}}
 
 ``losses`` are the training losses of that step's batches, averaged over the processes. The cosines
 are GradVac's visiting cosines (``GradVacStepResult.cosines``): when task ``i`` visits task ``j``, the

@@ -193,13 +193,18 @@ def train_method(
                 record["cosines"] = _pair_means(result.cosines.mean(0), pairs)
                 record["targets"] = _pair_means(result.targets.mean(0), pairs)
                 record["corrected"] = _pair_means(result.corrected.double().mean(0), pairs)
+                record["diagnostics"] = state.diagnostics.summary()  # plain floats: one host read
                 if args.grouping != "whole":  # per block: the per-layer view of the GradVac paper
                     record["block_cosines"] = {
                         block: _pair_means(result.cosines[k], pairs) for k, block in enumerate(blocks)
                     }
             run.records.append(record)
             if bar is not None:
-                bar.set_postfix_str(" ".join(f"{n}={v:.3f}" for n, v in zip(names, mean_losses)), refresh=False)
+                postfix = [f"{n}={v:.3f}" for n, v in zip(names, mean_losses)]
+                if "diagnostics" in record:
+                    d = record["diagnostics"]
+                    postfix += [f"cos={d['mean_cosine']:+.2f}", f"corrected={d['corrected_fraction']:.2f}"]
+                bar.set_postfix_str(" ".join(postfix), refresh=False)
                 bar.update(1)
     run.train_seconds = time.perf_counter() - start
     if bar is not None:

@@ -44,7 +44,7 @@ def _run(args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
 
 
 METHODS = ("sum", "pcgrad", "gradvac")
-GRADVAC_KEYS = {"method", "seed", "step", "losses", "step_time_s", "cosines", "targets", "corrected"}
+GRADVAC_KEYS = {"method", "seed", "step", "losses", "step_time_s", "cosines", "targets", "corrected", "diagnostics"}
 
 
 def _check_outputs(
@@ -66,6 +66,9 @@ def _check_outputs(
                 assert set(r) == {"method", "seed", "step", "losses", "step_time_s"}
                 continue
             assert set(r) == GRADVAC_KEYS | ({"block_cosines"} if blocks else set())
+            d = r["diagnostics"]
+            assert d["step"] == r["step"] + 1 and 0.0 <= d["corrected_fraction"] <= 1.0
+            assert -1.0 <= d["target_min"] <= d["target_max"] <= 1.0 and -1.0 <= d["mean_cosine"] <= 1.0
             for key in ("cosines", "targets", "corrected"):
                 assert set(r[key]) == pairs, key
                 assert all(-1.0 <= v <= 1.0 for v in r[key].values()), key
