@@ -4,6 +4,7 @@
     python -m benchmarks ddp --quick       # smoke run, < 30 s
     python -m benchmarks ddp --markdown bench_ddp.md --profile
     python -m benchmarks ddp --goals       # the step-time goal's five cases side by side (about a minute)
+    python -m benchmarks ddp --per-task    # per-task data: each task's loss on its own 1/m of the batch
 
 Side by side in one run (one process group; the variants interleaved round by round so that a
 shared machine's load drifts over all of them alike), m=3 tasks, an MLP of about 2.4M parameters
@@ -56,9 +57,14 @@ MAX_RATIO_TO_M_PASS = 1.05  # GradVac-DDP / (a), W >= 2
 MAX_RATIO_TO_M_PASS_ONE_RANK = 1.15  # the same at W = 1
 
 
-def goal(world: int) -> float:
-    """The time goal for GradVac-DDP / (a) at this world size."""
-    return MAX_RATIO_TO_M_PASS_ONE_RANK if world == 1 else MAX_RATIO_TO_M_PASS
+MAX_RATIO_TO_M_PASS_PER_TASK = 1.10  # the same with per-task data (--per-task), W >= 2
+
+
+def goal(world: int, per_task: bool = False) -> float:
+    """The time goal for GradVac-DDP / (a) at this world size (and data regime)."""
+    if world == 1:
+        return MAX_RATIO_TO_M_PASS_ONE_RANK
+    return MAX_RATIO_TO_M_PASS_PER_TASK if per_task else MAX_RATIO_TO_M_PASS
 
 
 M = 3
@@ -103,6 +109,7 @@ class Config:
     timeout: float = 600.0
     variants: tuple[str, ...] = VARIANTS
     memory_steps: int = 0  # > 0: first, each variant alone for this many steps, its peak RSS and stash measured
+    per_task: bool = False  # per-task data: the batch split into m slices, task i's loss on slice i only
 
 
 @dataclass
@@ -160,6 +167,7 @@ class _Variant:
 
     def __init__(self, key: str, cfg: Config, x: Tensor, ys: Tensor) -> None:
         self.key, self.x, self.ys = key, x, ys
+        self.per_task = cfg.per_task
         self.world = dist.get_world_size()
         self.m = m = cfg.m
         torch.manual_seed(0)
@@ -188,9 +196,25 @@ class _Variant:
             self.model.register_comm_hook(self.state, gradvac_hook)
         self.optimizer = torch.optim.SGD(module.parameters(), lr=1e-3)
 
+    def _per_task_losses(self) -> list[Tensor]:
+        """Per-task data: one forward per task on its own slice of the batch (docs/usage.md, "Per-task data")."""
+        xs, yss = self.x.chunk(self.m), self.ys.chunk(self.m, dim=1)
+        return [((self.model(x)[i] - ys[i]) ** 2).mean() for i, (x, ys) in enumerate(zip(xs, yss))]
+
     def grads(self) -> None:
-        losses = _losses(self.model(self.x), self.ys)
         m = self.m
+        if self.per_task and self.key == "a":  # m forward + backward pairs, each all-reduced by DDP
+            for i, (x, ys) in enumerate(zip(self.x.chunk(m), self.ys.chunk(m, dim=1))):
+                ((self.model(x)[i] - ys[i]) ** 2).mean().backward()
+            self._count("ddp_all_reduce", m * self.n * 4)
+            return
+        if self.per_task and self.key == "b":  # plain DDP: one forward, each sample's loss for its own task
+            outs = self.model(self.x)
+            rows = [torch.arange(self.x.shape[0]).chunk(m)[i] for i in range(m)]
+            sum(((outs[i][r] - self.ys[i][r]) ** 2).mean() for i, r in enumerate(rows)).backward()
+            self._count("ddp_all_reduce", self.n * 4)
+            return
+        losses = self._per_task_losses() if self.per_task else _losses(self.model(self.x), self.ys)
         if self.key == "a":
             for i, loss in enumerate(losses):
                 self.model.reducer.prepare_for_backward([loss])
@@ -543,13 +567,15 @@ def _report(cfg: Config, results: list[dict[str, Any]], elapsed: float) -> tuple
     mb = 1e6
     table = Table(
         f"GradVac-DDP vs DDP: {world} gloo ranks on 127.0.0.1, 1 thread each, m={cfg.m}, MLP {n / 1e6:.2f}M params, "
-        f"batch {cfg.batch}/rank, {cfg.steps} timed steps; bytes = MB sent per rank per step",
+        f"batch {cfg.batch}/rank{' (per-task data: 1/m of it per task)' if cfg.per_task else ''}, "
+        f"{cfg.steps} timed steps; bytes = MB sent per rank per step",
         [
             "variant",
             "median ms",
             "min..max ms",
             "vs (a)",
             "paired",
+            "vs (b)",
             "counters->ring MB",
             "formula MB",
             "lo MB",
@@ -566,6 +592,7 @@ def _report(cfg: Config, results: list[dict[str, Any]], elapsed: float) -> tuple
                 f"{summary.min_ms[k]:.0f}..{summary.max_ms[k]:.0f}",
                 f"{med[k] / base:.2f}x" if base else "-",
                 f"{paired[k]:.2f}x" if base else "-",
+                f"{med[k] / med['b']:.2f}x" if med.get("b") else "-",
                 f"{ring_bytes(r0['payload'][k], world) / mb:.2f}",
                 f"{formula_bytes(k, n, world, cfg.m) / mb:.2f}",
                 "-" if lo is None else f"{lo / mb:.2f}",
@@ -574,17 +601,19 @@ def _report(cfg: Config, results: list[dict[str, Any]], elapsed: float) -> tuple
         )
     ok = True
     table.notes.append(
-        "vs (a): ratio of the medians; paired: median over steps of the ratio to (a)'s step of the same round. "
+        "vs (a), vs (b): ratio of the medians; paired: median over steps of the ratio to (a)'s step of the same round. "
         "Measured bytes: lo = the loopback interface's tx counter / ranks (the whole machine's traffic); "
         "rank = bytes each rank's process wrote to its sockets (/proc/self/io), mean over ranks."
     )
     for k in ("d", "e"):
         if base and k in med:
-            passed = med[k] <= goal(cfg.world) * base
+            limit = goal(cfg.world, cfg.per_task)
+            passed = med[k] <= limit * base
             ok = ok and passed
             table.notes.append(
                 f"{pass_fail(passed)}: {LABELS[k]} {med[k]:.1f} ms = {med[k] / base:.2f}x (a) "
-                f"(paired {paired[k]:.2f}x), goal <= {goal(cfg.world)}x at W={cfg.world}"
+                f"(paired {paired[k]:.2f}x), goal <= {limit}x at W={cfg.world}"
+                + (" with per-task data" if cfg.per_task else "")
             )
     if base and "f" in med:  # no goal: UPGrad's own QP per block is the weighting's cost, not the transport's
         table.notes.append(f"{LABELS['f']}: {med['f']:.1f} ms = {med['f'] / base:.2f}x (a) (paired {paired['f']:.2f}x)")
@@ -712,6 +741,11 @@ def _parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     ap.add_argument("--variants", default="".join(VARIANTS), help="letters of the variants to run (default abcdef)")
     ap.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket_cap_mb (default 25)")
     ap.add_argument("--profile", action="store_true", help="time the step's phases on rank 0 (extra steps)")
+    ap.add_argument(
+        "--per-task",
+        action="store_true",
+        help="per-task data: each task's loss on its own 1/m of the batch, one forward per task ((b): one forward)",
+    )
     ap.add_argument("--markdown", metavar="PATH", help="also write the report as markdown to PATH")
     ap.add_argument("--strict", action="store_true", help="exit with status 1 when the goal is missed")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds before the run is abandoned")
@@ -732,7 +766,10 @@ def _parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         bucket_cap_mb=args.bucket_cap_mb,
         profile=args.profile,
         timeout=args.timeout,
+        per_task=args.per_task,
     )
+    if args.per_task and args.batch % cfg.m:
+        ap.error(f"--per-task splits the batch among the {cfg.m} tasks: --batch must be a multiple of {cfg.m}")
     if args.quick:
         cfg.check_steps, cfg.warmup, cfg.steps, cfg.traffic_steps = 2, 1, 5, 1
     cfg.steps = cfg.steps if args.steps is None else args.steps

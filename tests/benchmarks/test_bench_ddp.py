@@ -44,7 +44,8 @@ def test_quick_run_prints_the_table_and_writes_markdown(tmp_path, capsys):
     assert len(rows) == 6
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        median, counted, formula, lo, written = float(cells[1]), cells[5], cells[6], cells[7], cells[8]
+        median, counted, formula, lo, written = float(cells[1]), cells[6], cells[7], cells[8], cells[9]
+        assert cells[5].endswith("x")  # vs (b), plain DDP on the summed loss
         assert median > 0
         assert counted == formula, row  # every collective is accounted for by the documented formula (docs/usage.md)
         assert lo == "-" or float(lo) > 0  # lo counts the whole machine's loopback traffic: no exact check
@@ -52,6 +53,15 @@ def test_quick_run_prints_the_table_and_writes_markdown(tmp_path, capsys):
         # reduce-scatter is an all_to_all_single on gloo (gloo's own reduce-scatter: 1.75x the formula here, m=3).
         if written != "-":
             assert abs(float(written) - float(formula)) <= 0.05 * float(formula), row
+
+
+def test_per_task_data_run_checks_exactness_and_its_own_goal(capsys):
+    assert main(["--quick", "--per-task", "--batch", "24", "--variants", "abce"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 24/rank (per-task data: 1/m of it per task)" in out
+    assert re.search(r"^  (PASS|FAIL): \(e\) .* goal <= 1.1x at W=2 with per-task data$", out, re.M), out
+    checks = re.findall(r"max rel diff ([0-9.e+-]+), (\d+) GradVac corrections", out)
+    assert len(checks) == 1 and float(checks[0][0]) < 1e-3 and int(checks[0][1]) > 0
 
 
 def test_ring_bytes_and_formulas_agree():
