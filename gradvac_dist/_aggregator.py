@@ -22,9 +22,28 @@ __all__ = ["GradVac", "GramianAggregator", "GramianWeightedAggregator"]
 
 
 class GramianAggregator:
-    """What :class:`GradVac` and :class:`GramianWeightedAggregator` share: the Jacobian to per-block Gramians,
+    """The base of the single-process aggregators: a Jacobian in, one aggregated gradient out.
+
+    What :class:`GradVac` and :class:`GramianWeightedAggregator` share: the Jacobian to per-block Gramians,
     the finiteness decision, the combine, micro-batch accumulation and the trajectory's checkpoint.
-    Subclasses decide the coefficients (:meth:`_coefficients`)."""
+    Subclasses decide the coefficients (:meth:`_coefficients`). Use it as the type that
+    :func:`gradvac_dist.backward` accepts; build one of the two subclasses.
+
+    Args:
+        settings: the :class:`~gradvac_dist.GradVacSettings` (``num_tasks`` left ``None``: the
+            first step fixes it); the subclasses build it from their keyword arguments.
+
+    Attributes:
+        skipped_steps: how many steps ``on_nonfinite="skip"`` skipped (inf/NaN gradients).
+
+    Example:
+        >>> import gradvac_dist
+        >>> agg = gradvac_dist.GradVac(seed=0)
+        >>> isinstance(agg, gradvac_dist.GramianAggregator)
+        True
+        >>> agg.settings.on_nonfinite, agg.step
+        ('raise', 0)
+    """
 
     settings: GradVacSettings
     _trajectory: Trajectory
@@ -42,7 +61,7 @@ class GramianAggregator:
 
     @property
     def step(self) -> int:
-        """Number of steps taken since creation or the last :meth:`reset`."""
+        """Number of steps taken since creation or the last :meth:`reset` (skipped steps not counted)."""
         return self._trajectory.step
 
     @property
@@ -53,7 +72,19 @@ class GramianAggregator:
         return StepDiagnostics(result, self.step) if isinstance(result, GradVacStepResult) else None
 
     def reset(self) -> None:
-        """Starts a new trajectory: zero targets, generator re-seeded, step 0, any m and blocks."""
+        """Starts a new trajectory: zero targets, generator re-seeded, step 0, any m and blocks.
+
+        Example:
+            >>> import torch
+            >>> import gradvac_dist
+            >>> agg = gradvac_dist.GradVac(seed=0)
+            >>> _ = agg(torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
+            >>> agg.step
+            1
+            >>> agg.reset()
+            >>> agg.step, agg.targets
+            (0, None)
+        """
         self._trajectory.reset()
         self._trajectory.num_tasks = None
         self.last_result = None
@@ -61,10 +92,37 @@ class GramianAggregator:
     def __call__(self, jacobian: Tensor, block_sizes: Sequence[int] | None = None) -> Tensor:
         """Aggregates the rows of ``jacobian`` (``[m, n]``) into one gradient of length ``n``.
 
+        One step: it advances the trajectory (targets, order generator, step count), except for a
+        step skipped with ``on_nonfinite="skip"``. Every step must have the same ``m`` and
+        ``block_sizes`` until :meth:`reset`.
+
         Args:
             jacobian: ``[m, n]`` floating-point tensor, row ``i`` is task ``i``'s gradient.
             block_sizes: sizes of the contiguous column blocks (summing to ``n``); ``None`` means
                 one block, the whole vector.
+
+        Returns:
+            The aggregated gradient, a tensor of length ``n`` with the Jacobian's dtype and
+            device. A step skipped with ``on_nonfinite="skip"`` returns the plain sum of the rows.
+
+        Raises:
+            ValueError: ``jacobian`` is not a floating-point ``[m, n]`` tensor with ``m, n >= 1``;
+                ``block_sizes`` are not positive integers summing to ``n``; ``m`` or the blocks
+                differ from the previous steps' (call :meth:`reset` first).
+            NonFiniteGradientError: a row holds inf or NaN and ``on_nonfinite="raise"``; the
+                state is left untouched.
+
+        Example:
+            >>> import torch
+            >>> import gradvac_dist
+            >>> agg = gradvac_dist.GradVac(seed=0)
+            >>> jacobian = torch.tensor([[1.0, 0.0, 2.0, 0.0], [-1.0, 1.0, 0.0, 1.0]], dtype=torch.float64)
+            >>> agg(jacobian, block_sizes=[2, 2]).round(decimals=4).tolist()
+            [0.5, 1.5, 2.0, 1.0]
+            >>> agg(jacobian, block_sizes=[3, 1])
+            Traceback (most recent call last):
+                ...
+            ValueError: GradVac's blocks changed between steps: ...
         """
         if not isinstance(jacobian, Tensor) or jacobian.dim() != 2 or not jacobian.is_floating_point():
             desc = (
@@ -120,11 +178,47 @@ class GramianAggregator:
         return jacobian
 
     def state_dict(self) -> dict[str, Any]:
-        """Targets, generator state and step count: what a resumed run needs to continue exactly."""
+        """Targets, generator state and step count: what a resumed run needs to continue exactly.
+
+        Returns:
+            A dict of tensors and plain values (``format_version``, ``num_tasks``,
+            ``block_sizes``, ``targets``, ``generator_state``, ``step``), loadable with
+            ``torch.load(..., weights_only=True)`` once saved with ``torch.save``.
+
+        Example:
+            >>> import torch
+            >>> import gradvac_dist
+            >>> agg = gradvac_dist.GradVac(seed=0)
+            >>> _ = agg(torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64))
+            >>> sorted(agg.state_dict())
+            ['block_sizes', 'format_version', 'generator_state', 'num_tasks', 'step', 'targets']
+        """
         return self._trajectory.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`'s output; checks it whole first, so a bad one changes nothing."""
+        """Restores :meth:`state_dict`'s output; checks it whole first, so a bad one changes nothing.
+
+        Args:
+            state_dict: what :meth:`state_dict` returned (of an aggregator with any seed).
+
+        Raises:
+            ValueError: not a GradVac ``state_dict`` (missing keys, another format version), one
+                for another number of tasks than this aggregator's, or malformed or corrupt
+                content (targets of the wrong shape or outside ``[-1, 1]``, a bad generator state).
+
+        Example:
+            >>> import torch
+            >>> import gradvac_dist
+            >>> jacobian = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+            >>> agg = gradvac_dist.GradVac(seed=0)
+            >>> _ = agg(jacobian)
+            >>> resumed = gradvac_dist.GradVac(seed=0)
+            >>> resumed.load_state_dict(agg.state_dict())
+            >>> resumed.step
+            1
+            >>> torch.equal(resumed(jacobian), agg(jacobian))  # the same trajectory from here on
+            True
+        """
         self._trajectory.num_tasks = None if self._trajectory.targets is None else self._trajectory.num_tasks
         self._trajectory.load_state_dict(state_dict)
 
@@ -153,6 +247,37 @@ class GradVac(GramianAggregator):
     Attributes:
         last_result: the :class:`~gradvac_dist.GradVacStepResult` of the latest step (cosines and
             corrections for logging), or ``None``.
+        skipped_steps: how many steps ``on_nonfinite="skip"`` skipped.
+
+    Raises:
+        ValueError: ``beta`` outside ``[0, 1]``, ``eps < 0``, ``seed`` not an int ``>= 0``, or
+            ``on_nonfinite`` neither ``"raise"`` nor ``"skip"``.
+
+    Example:
+        Two tasks, four parameters in two blocks. The first step starts from targets 0, so it is
+        PCGrad: in the first block the tasks conflict (cosine -0.71) and each is projected off
+        the other; in the second they are orthogonal and are summed as they are.
+
+        >>> import torch
+        >>> import gradvac_dist
+        >>> agg = gradvac_dist.GradVac(beta=0.5, eps=1e-8, seed=0)
+        >>> jacobian = torch.tensor([[1.0, 0.0, 2.0, 0.0], [-1.0, 1.0, 0.0, 1.0]], dtype=torch.float64)
+        >>> agg(jacobian, block_sizes=[2, 2]).round(decimals=4).tolist()
+        [0.5, 1.5, 2.0, 1.0]
+        >>> agg.last_result.cosines[0].round(decimals=4).tolist()
+        [[1.0, -0.7071], [-0.7071, 1.0]]
+        >>> agg.targets[0].round(decimals=4).tolist()  # (1 - beta) * 0 + beta * cosine
+        [[0.0, -0.3536], [-0.3536, 0.0]]
+        >>> agg.step
+        1
+
+        With ``on_nonfinite="skip"`` a step with inf/NaN returns the plain sum and changes nothing:
+
+        >>> skipping = gradvac_dist.GradVac(on_nonfinite="skip")
+        >>> skipping(torch.tensor([[1.0, float("nan")], [0.0, 1.0]], dtype=torch.float64)).tolist()
+        [1.0, nan]
+        >>> skipping.skipped_steps, skipping.step
+        (1, 0)
     """
 
     def __init__(self, beta: float = 0.5, eps: float = 1e-8, seed: int = 0, on_nonfinite: str = "raise") -> None:
@@ -171,7 +296,10 @@ class GradVac(GramianAggregator):
 
     @property
     def targets(self) -> Tensor | None:
-        """The EMA targets ``[K, m, m]`` (float64), or ``None`` before the first step."""
+        """The EMA targets ``[K, m, m]`` (float64), or ``None`` before the first step.
+
+        ``targets[k, i, j]`` is the target cosine of task ``i`` against task ``j`` in block ``k``.
+        """
         return self._trajectory.targets
 
 
@@ -192,6 +320,31 @@ class GramianWeightedAggregator(GramianAggregator):
         weighting: the Gramian weighting.
         seed: seed of the generator the weighting's random draws come from.
         on_nonfinite: as for :class:`GradVac`.
+
+    Attributes:
+        skipped_steps: how many steps ``on_nonfinite="skip"`` skipped.
+
+    Raises:
+        ValueError: ``weighting`` is not callable, keeps state of its own, has parameters or
+            buffers, or weighs the Jacobian rather than its Gramian (a TorchJD matrix weighting);
+            ``seed`` or ``on_nonfinite`` is invalid. A weighting that returns something other
+            than ``m`` finite weights raises ``ValueError`` at the step.
+
+    Example:
+        The mean of the task gradients, block by block, as a weighting of one's own (with TorchJD:
+        ``GramianWeightedAggregator(torchjd.aggregation.UPGradWeighting())``):
+
+        >>> import torch
+        >>> import gradvac_dist
+        >>> def mean_weighting(gramian):
+        ...     m = gramian.shape[0]
+        ...     return torch.full((m,), 1.0 / m, dtype=gramian.dtype)
+        >>> agg = gradvac_dist.GramianWeightedAggregator(mean_weighting, seed=0)
+        >>> jacobian = torch.tensor([[1.0, 0.0, 2.0, 0.0], [-1.0, 1.0, 0.0, 1.0]], dtype=torch.float64)
+        >>> agg(jacobian, block_sizes=[2, 2]).tolist()
+        [0.0, 0.5, 1.0, 0.5]
+        >>> agg.weighting is mean_weighting
+        True
     """
 
     def __init__(self, weighting: Weighting, seed: int = 0, on_nonfinite: str = "raise") -> None:

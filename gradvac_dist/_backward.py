@@ -66,6 +66,38 @@ def backward(
             communication and ``.grad`` is untouched, and the next synchronising call runs GradVac
             once, on the accumulated per-task gradients. An explicit value that contradicts the
             wrapper's switch raises.
+
+    Raises:
+        ValueError: the losses are not one scalar tensor per task that requires grad (or, under
+            DDP and FSDP2, not ``num_tasks`` of them); a plain module without ``aggregator``, or
+            ``aggregator`` given for a DDP or FSDP2 model; no trainable parameter; an unknown
+            ``grouping``; ``shared_params`` empty or not among the trainable parameters; sparse
+            gradients; FSDP1; the
+            single-process path in a job of several ranks; ``sync`` contradicting the wrapper's
+            switch. Under DDP and FSDP2 a bad input on one rank raises on every rank.
+        NonFiniteGradientError: a task gradient holds inf or NaN and the aggregator or state has
+            ``on_nonfinite="raise"``; the GradVac state is left untouched.
+
+    Example:
+        One process, a linear model whose two task losses have the conflicting gradients
+        ``(1, 0)`` and ``(-1, 1)``:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> import gradvac_dist
+        >>> model = nn.Linear(2, 1, bias=False).double()
+        >>> _ = nn.init.zeros_(model.weight)
+        >>> x = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+        >>> agg = gradvac_dist.GradVac(seed=0)
+        >>> losses = model(x).squeeze(1)  # loss of task t: <w, x_t>, a 1-D tensor of m = 2 losses
+        >>> gradvac_dist.backward(model, losses, agg)
+        >>> model.weight.grad.round(decimals=4).tolist()
+        [[0.5, 1.5]]
+        >>> agg.step
+        1
+
+        Under DDP or FSDP2 the state is the registered :class:`GradVacState`'s, so no
+        aggregator is passed: ``gradvac_dist.backward(ddp, losses)``.
     """
     model = compat.unwrap_compiled(model)
     # The distributed paths check the losses themselves, so that every rank learns of a bad one.

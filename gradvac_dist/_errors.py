@@ -15,9 +15,29 @@ ON_NONFINITE = ("raise", "skip")
 class NonFiniteGradientError(FloatingPointError):
     """A task gradient holds inf or NaN; GradVac's state was left untouched.
 
+    Raised by the aggregators, :func:`gradvac_dist.backward` and the DDP and FSDP2 paths when
+    ``on_nonfinite="raise"`` (the default); a ``FloatingPointError``. Under DDP and FSDP2 every
+    rank raises it.
+
+    Args:
+        message: what was not finite, and what to do.
+        task: index of a task whose gradient is not finite, if known.
+        where: a parameter or block name where it is not finite, if known.
+
     Attributes:
         task: index of a task whose gradient is not finite (or None if unknown).
         where: a parameter or block name where it is not finite (or None).
+
+    Example:
+        >>> import torch
+        >>> import gradvac_dist
+        >>> agg = gradvac_dist.GradVac(seed=0)
+        >>> jacobian = torch.tensor([[1.0, 0.0], [0.0, float("inf")]], dtype=torch.float64)
+        >>> try:
+        ...     agg(jacobian)
+        ... except gradvac_dist.NonFiniteGradientError as err:
+        ...     print(err.task, agg.step)
+        1 0
     """
 
     def __init__(self, message: str, task: int | None = None, where: str | None = None) -> None:

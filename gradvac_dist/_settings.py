@@ -23,7 +23,11 @@ __all__ = ["GradVacSettings"]
 class GradVacSettings:
     """The settings of GradVac (or of a Gramian weighting); immutable, identical on every rank.
 
-    Attributes:
+    Every argument is checked here, once, and kept as the (read-only) attribute of the same name;
+    the constructor takes keywords only. :class:`~gradvac_dist.GradVacState` and the
+    single-process aggregators build one from their own arguments (``state.settings``).
+
+    Args:
         num_tasks: m, the number of task losses per step; ``None`` only for the single-process
             aggregators, where the first step fixes it.
         beta: EMA rate of the targets, in ``[0, 1]`` (paper and LibMTL default 0.5).
@@ -33,12 +37,34 @@ class GradVacSettings:
         strategy: DDP's per-task reduction, ``"sharded"`` or ``"replicated"``; ``None``: the
             backend's default.
         shared_params: names or name prefixes of the parameters GradVac acts on (a tuple), or
-            ``None`` for all of them.
+            ``None`` for all of them. A single string or a list is accepted and kept as a tuple.
         on_nonfinite: ``"raise"`` (default) or ``"skip"`` a step with an inf/NaN task gradient.
         check_sync_every: every that many steps, check that the ranks' trajectories are
             identical; ``None``: never.
         weighting: ``None`` for GradVac, or a Gramian weighting run on each block's Gramian
-            instead of GradVac's coefficient stage (beta and eps then unused).
+            instead of GradVac's coefficient stage (beta and eps then unused). A TorchJD
+            Gramian-weighted aggregator is kept as its weighting.
+
+    Raises:
+        ValueError: any setting out of its range or of the wrong type (the message names it
+            and what it accepts); a weighting that cannot run identically on every rank.
+
+    Example:
+        >>> import dataclasses
+        >>> import gradvac_dist
+        >>> settings = gradvac_dist.GradVacSettings(num_tasks=3, grouping="module", shared_params="encoder")
+        >>> settings.shared_params
+        ('encoder',)
+        >>> settings.beta = 0.9
+        Traceback (most recent call last):
+            ...
+        dataclasses.FrozenInstanceError: cannot assign to field 'beta'
+        >>> dataclasses.replace(settings, beta=0.9).beta  # a new, checked, object
+        0.9
+        >>> gradvac_dist.GradVacSettings(beta=2.0)
+        Traceback (most recent call last):
+            ...
+        ValueError: beta must be a number in [0, 1] (the EMA rate of the targets), got 2.0.
     """
 
     num_tasks: int | None = None

@@ -304,6 +304,32 @@ class GradVacState:
             stage: identical on every rank (float64 inputs, host, random draws seeded from this
             state's generator). ``beta`` and ``eps`` are then unused. Weightings with state of their
             own and matrix weightings are refused (``gradvac_dist/_weighting.py`` says why).
+
+    Raises:
+        ValueError: ``num_tasks`` not an int ``>= 1``, or any other setting out of its range (as
+            :class:`~gradvac_dist.GradVacSettings` checks them).
+
+    Example:
+        Construction and checkpoints run on one process; the state then drives DDP or FSDP2
+        (see :func:`~gradvac_dist.gradvac_hook` and :func:`~gradvac_dist.register_fsdp`).
+
+        >>> import gradvac_dist
+        >>> state = gradvac_dist.GradVacState(num_tasks=3, beta=0.5, seed=0, grouping="module")
+        >>> state
+        GradVacState(num_tasks=3, beta=0.5, eps=1e-08, seed=0, grouping='module', strategy=None, step=0)
+        >>> state.settings.grouping, state.num_tasks, state.step
+        ('module', 3, 0)
+        >>> state.beta = 0.9
+        Traceback (most recent call last):
+            ...
+        AttributeError: GradVacState.beta is a setting: every rank must hold the same for the whole run, ...
+        >>> checkpoint = state.state_dict()  # torch.save(checkpoint, path) on one rank
+        >>> sorted(checkpoint)
+        ['block_sizes', 'format_version', 'generator_state', 'grouping', 'num_tasks', 'step', 'targets']
+        >>> resumed = gradvac_dist.GradVacState(num_tasks=3, grouping="module")
+        >>> resumed.load_state_dict(checkpoint)
+        >>> resumed.step
+        0
     """
 
     __slots__ = (  # noqa: RUF023 (grouped by purpose, as PowerSGDState)
@@ -405,11 +431,14 @@ class GradVacState:
     def buffer_bytes(self) -> dict[str, int]:
         """Bytes of the buffers GradVac keeps on this rank between steps, by kind; empty before the first step.
 
-        ``"stash"``: the per-task gradients (``m n / W`` elements under DDP's sharded strategy and
-        FSDP2, ``m n`` under DDP's replicated strategy); ``"scratch"`` (DDP, sharded): the padded
-        send and receive buffers of the per-task reduce-scatter, reused by the result all-gather;
-        ``"stage"``: the coefficient stage's working arrays (about ``10 K m^2`` float64 numbers,
-        once the vectorised stage has run).
+        Returns:
+            A dict from kind to bytes:
+
+            ``"stash"``: the per-task gradients (``m n / W`` elements under DDP's sharded strategy and
+            FSDP2, ``m n`` under DDP's replicated strategy); ``"scratch"`` (DDP, sharded): the padded
+            send and receive buffers of the per-task reduce-scatter, reused by the result all-gather;
+            ``"stage"``: the coefficient stage's working arrays (about ``10 K m^2`` float64 numbers,
+            once the vectorised stage has run).
         """
         out = {} if self._driver is None else self._driver.buffer_bytes()
         if out and self.trajectory.workspace.nbytes:
@@ -426,13 +455,29 @@ class GradVacState:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """The trajectory and the setting it depends on (grouping); rank- and world-size-independent."""
+        """The trajectory and the setting it depends on (grouping); rank- and world-size-independent.
+
+        Returns:
+            A dict of tensors and plain values (``format_version``, ``num_tasks``,
+            ``block_sizes``, ``targets``, ``generator_state``, ``step``, ``grouping``), identical
+            on every rank: save it from one rank with ``torch.save``, load it with
+            ``torch.load(..., weights_only=True)``.
+        """
         out = self.trajectory.state_dict()
         out[GROUPING_KEY] = self.settings.grouping
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a checkpoint of the same num_tasks and grouping (any world size); checks it whole first."""
+        """Loads a checkpoint of the same num_tasks and grouping (any world size); checks it whole first.
+
+        Args:
+            state_dict: what :meth:`state_dict` returned, on any rank of a job of any world size.
+
+        Raises:
+            ValueError: another grouping or number of tasks, other block sizes than the model
+                this state drives, not a GradVac ``state_dict``, or malformed content; nothing
+                is changed then.
+        """
         grouping = self.settings.grouping
         if isinstance(state_dict, dict) and state_dict.get(GROUPING_KEY, grouping) != grouping:
             raise ValueError(

@@ -30,9 +30,11 @@ SCALAR_STAGE_MAX_VISITS = 128
 
 
 class GradVacStepResult(NamedTuple):
-    """What one GradVac step returns.
+    """What one GradVac step returns: a named tuple of four tensors.
 
-    Attributes:
+    Each argument is the field of the same name (the tuple unpacks in this order).
+
+    Args:
         coefficients: ``[K, m]``; the aggregated gradient of block ``k`` is
             ``sum_l coefficients[k, l] * g_l`` restricted to block ``k``.
         targets: ``[K, m, m]``, the EMA targets after this step (a new tensor).
@@ -46,6 +48,27 @@ class GradVacStepResult(NamedTuple):
     three such arrays cost about a fifth of the whole stage at m=64, K=500, and the next step reads
     its targets back in that layout with a plain copy. Index them as usual; call ``.contiguous()``
     where packed memory is needed (``.view`` of a flattened shape, a C extension).
+
+    Example:
+        The step of two conflicting tasks ``g_0 = (1, 0)``, ``g_1 = (-1, 1)`` in one block, from
+        targets 0 (see :func:`gradvac_step`):
+
+        >>> import torch
+        >>> import gradvac_dist
+        >>> jacobian = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+        >>> gramians = (jacobian @ jacobian.T).unsqueeze(0)  # [K=1, m=2, m=2]
+        >>> order = gradvac_dist.draw_order(2, torch.Generator().manual_seed(0))
+        >>> result = gradvac_dist.gradvac_step(gramians, torch.zeros(1, 2, 2, dtype=torch.float64), order)
+        >>> result._fields
+        ('coefficients', 'targets', 'cosines', 'corrected')
+        >>> result.coefficients.round(decimals=4).tolist()  # update = 2 g_0 + 1.5 g_1
+        [[2.0, 1.5]]
+        >>> result.cosines.round(decimals=4).tolist()
+        [[[1.0, -0.7071], [-0.7071, 1.0]]]
+        >>> result.corrected.tolist()  # both visits corrected: the cosine was below its target 0
+        [[[False, True], [True, False]]]
+        >>> result.targets.round(decimals=4).tolist()  # 0.5 * 0 + 0.5 * cosine
+        [[[0.0, -0.3536], [-0.3536, 0.0]]]
     """
 
     coefficients: Tensor
@@ -116,6 +139,21 @@ def draw_order(m: int, generator: torch.Generator) -> Tensor:
 
     Returns:
         A CPU ``LongTensor`` of shape ``[m, m - 1]``.
+
+    Raises:
+        ValueError: ``m`` is not an int ``>= 1``, or ``generator`` is not a CPU ``torch.Generator``.
+
+    Example:
+        >>> import torch
+        >>> import gradvac_dist
+        >>> generator = torch.Generator().manual_seed(0)
+        >>> gradvac_dist.draw_order(3, generator).tolist()  # task 0 visits task 2, then task 1
+        [[2, 1], [0, 2], [0, 1]]
+        >>> gradvac_dist.draw_order(3, generator).tolist()  # the next step: the generator advanced
+        [[1, 2], [2, 0], [1, 0]]
+        >>> again = torch.Generator().manual_seed(0)
+        >>> gradvac_dist.draw_order(3, again).tolist()  # the same seed, the same orders
+        [[2, 1], [0, 2], [0, 1]]
     """
     if not isinstance(m, int) or isinstance(m, bool) or m < 1:
         raise ValueError(f"draw_order: m must be an int >= 1 (the number of tasks), got {m!r}.")
@@ -291,6 +329,30 @@ def gradvac_step(
 
     Returns:
         A :class:`GradVacStepResult` ``(coefficients, targets, cosines, corrected)``.
+
+    Raises:
+        ValueError: with ``check_inputs``: ``gramians`` not a floating-point ``[K, m, m]`` tensor,
+            ``targets`` not of its shape, ``order`` not a ``LongTensor [m, m - 1]`` whose row ``i``
+            is a permutation of the tasks other than ``i``, ``beta`` outside ``[0, 1]``,
+            ``eps < 0``, inf or NaN in ``gramians`` or ``targets``, or an asymmetric Gramian.
+
+    Example:
+        Two tasks ``g_0 = (1, 0)`` and ``g_1 = (-1, 1)`` in one block, two steps of a trajectory:
+
+        >>> import torch
+        >>> import gradvac_dist
+        >>> jacobian = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+        >>> gramians = (jacobian @ jacobian.T).unsqueeze(0)  # [K=1, m=2, m=2]
+        >>> targets = torch.zeros(1, 2, 2, dtype=torch.float64)
+        >>> generator = torch.Generator().manual_seed(0)
+        >>> result = gradvac_dist.gradvac_step(gramians, targets, gradvac_dist.draw_order(2, generator))
+        >>> result.coefficients.round(decimals=4).tolist()
+        [[2.0, 1.5]]
+        >>> (result.coefficients[0] @ jacobian).round(decimals=4).tolist()  # the update, sum_i p_i
+        [0.5, 1.5]
+        >>> result = gradvac_dist.gradvac_step(gramians, result.targets, gradvac_dist.draw_order(2, generator))
+        >>> result.targets.round(decimals=4).tolist()  # EMA towards the measured cosine, -0.7071
+        [[[0.0, -0.5303], [-0.5303, 0.0]]]
     """
     if check_inputs:
         _check_inputs(gramians, targets, order, beta, eps)
