@@ -31,6 +31,9 @@ __all__ = [
     "segments_of_range",
 ]
 
+#: The ways of splitting the parameters into blocks, each with its own Gramian and targets:
+#: ``"whole"`` (one block), ``"parameter"`` (one per parameter tensor, LibMTL's ``all_matrix``),
+#: ``"module"`` (one per module directly owning parameters, LibMTL's ``all_layer``).
 GROUPINGS: tuple[str, ...] = ("whole", "parameter", "module")
 Segment = tuple[int, int, int]  # (block, start, stop) in the coordinates of a piece
 

@@ -19,6 +19,9 @@ from torch import Tensor
 __all__ = ["STRATEGIES", "CommCounters", "Strategy", "default_strategy"]
 
 Strategy = Literal["sharded", "replicated"]
+#: DDP's per-task reductions (``GradVacState(strategy=...)``): ``"sharded"`` (the default: a
+#: reduce-scatter per task, 1/W of each gradient kept per rank, one all-gather of the result) or
+#: ``"replicated"`` (an all-reduce per task, each rank keeps the whole gradients).
 STRATEGIES: tuple[str, ...] = ("sharded", "replicated")
 
 

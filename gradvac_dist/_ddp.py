@@ -85,6 +85,40 @@ def gradvac_hook(state: GradVacState, bucket: dist.GradBucket) -> torch.futures.
     checks; the settings at the first step), so that a loss refused on one rank raises on all.
 
     Memory: the stash holds ``m n`` (replicated) or ``m n / W`` (sharded) elements per rank.
+
+    DDP calls the hook, never user code: its arguments are DDP's.
+
+    Args:
+        state: the :class:`~gradvac_dist.GradVacState` given to ``ddp.register_comm_hook``.
+        bucket: the ``torch.distributed.GradBucket`` DDP hands over.
+
+    Returns:
+        A ``torch.futures.Future`` of the bucket's tensor: in passes before the last, the
+        bucket's buffer, not reduced (``.grad`` is cleared after the pass); in the last pass,
+        the aggregated GradVac gradient of the bucket, which DDP writes into ``.grad``.
+
+    Raises:
+        TypeError: called with something other than a ``GradBucket`` (as an FSDP hook, say).
+        RuntimeError: fired outside :func:`gradvac_dist.backward` (a plain ``loss.backward()``
+            on the DDP module), or during the backward of another DDP module.
+
+    Example:
+        On every rank of a job started by ``torchrun`` (the multi-process examples are in
+        ``examples/``; ``task_losses`` stands for the model's m losses)::
+
+            import torch.distributed as dist
+            from torch.nn.parallel import DistributedDataParallel
+            import gradvac_dist
+
+            dist.init_process_group("gloo")          # or "nccl"
+            ddp = DistributedDataParallel(model, find_unused_parameters=True)
+            state = gradvac_dist.GradVacState(num_tasks=m, beta=0.5, eps=1e-8, seed=0, grouping="whole")
+            ddp.register_comm_hook(state, gradvac_dist.gradvac_hook)
+            for x, ys in loader:
+                losses = task_losses(ddp(x), ys)     # m scalar losses
+                gradvac_dist.backward(ddp, losses)   # m backward passes; the hook does the rest
+                optimizer.step()
+                optimizer.zero_grad()
     """
     if not isinstance(bucket, dist.GradBucket):
         raise TypeError(
@@ -117,9 +151,34 @@ def register_ddp(ddp: DistributedDataParallel, state: GradVacState) -> GradVacSt
     CUDA only): calling it again with the same state does nothing. Call it once the framework has
     wrapped the model (Lightning: in ``on_fit_start``, ``self.trainer.strategy.model``).
 
+    Args:
+        ddp: the ``DistributedDataParallel`` module.
+        state: the :class:`~gradvac_dist.GradVacState` to register :func:`gradvac_hook` with.
+
+    Returns:
+        ``state``, registered on ``ddp``.
+
     Raises:
         ValueError: ``ddp`` is not a DistributedDataParallel module, or it has another comm hook, or
             gradvac_hook with another state.
+        TypeError: ``state`` is not a :class:`~gradvac_dist.GradVacState`.
+
+    Example:
+        In a PyTorch Lightning module with manual optimization, trained with
+        ``Trainer(strategy=DDPStrategy(find_unused_parameters=True))`` (the whole recipe:
+        ``examples/lightning_train.py``)::
+
+            def on_fit_start(self):   # the first hook where strategy.model is the DDP module
+                gradvac_dist.register_ddp(self.trainer.strategy.model, self.gradvac)
+
+            def training_step(self, batch, batch_idx):
+                losses = task_losses(self.net(batch[0]), batch[1])
+                gradvac_dist.backward(self.trainer.strategy.model, losses)   # not manual_backward
+                self.optimizers().step()
+                self.optimizers().zero_grad()
+
+        Calling it again with the same state returns it and changes nothing; with another state
+        it raises ``ValueError``.
     """
     if not isinstance(ddp, DistributedDataParallel):
         raise ValueError(

@@ -86,6 +86,31 @@ def register_fsdp(model: nn.Module, state: GradVacState, *, reshard_between_pass
         ValueError: FSDP1, a model not sharded with ``fully_shard``, unsharded or non-DTensor
             trainable parameters, a mesh of more than two dimensions (tensor parallelism) or an HSDP
             mesh that does not span every rank, a state or model registered twice.
+        TypeError: ``state`` is not a :class:`GradVacState`.
+
+        Registration is agreed by every rank (one small all-reduce): an error on one rank
+        raises on all of them.
+
+    Example:
+        On every rank, with the process group initialised (``examples/fsdp2_train.py`` is a
+        whole run)::
+
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+            from torch.distributed.fsdp import fully_shard
+            import torch.distributed.checkpoint as dcp
+            import gradvac_dist
+
+            for layer in model.layers:
+                fully_shard(layer)
+            fully_shard(model)                                   # the root too
+            state = gradvac_dist.GradVacState(num_tasks=m, grouping="module")
+            handle = gradvac_dist.register_fsdp(model, state)    # once
+            for x, ys in loader:
+                losses = task_losses(model(x), ys)
+                gradvac_dist.backward(model, losses)             # m backward passes + one GradVac step
+                optimizer.step()
+                optimizer.zero_grad()
+            dcp.save({"model": get_model_state_dict(model), "gradvac": handle}, checkpoint_id=path)
     """
     # Registration proves rank agreement (one small all-reduce): a rank that fails here takes part
     # all the same, so every rank raises rather than some waiting for it in FSDP's collectives.
@@ -263,6 +288,30 @@ class FSDPGradVac(Driver):
     with plain Python values (see :meth:`state_dict`), so ``dcp.load`` loads into a freshly
     registered handle. The content is rank- and world-size-independent (block sizes are global),
     so any world size may resume.
+
+    Args:
+        model: the FSDP2 root module.
+        state: its :class:`GradVacState`.
+        binding: what registration found of the model (its FSDP modules and parameters, the
+            blocks, the mesh): internal.
+        reshard_between_passes: as for :func:`register_fsdp`.
+
+    Built by :func:`register_fsdp`, not by hand.
+
+    Example:
+        A checkpoint that resumes on any number of ranks (``path`` a directory every rank
+        reaches)::
+
+            handle = gradvac_dist.register_fsdp(model, gradvac_dist.GradVacState(num_tasks=m))
+            ...
+            dcp.save({"model": get_model_state_dict(model), "gradvac": handle}, checkpoint_id=path)
+
+            # later, in a new job: a model sharded the same way, a fresh state and handle
+            handle = gradvac_dist.register_fsdp(model, gradvac_dist.GradVacState(num_tasks=m))
+            checkpoint = {"model": get_model_state_dict(model), "gradvac": handle}
+            dcp.load(checkpoint, checkpoint_id=path)             # calls handle.load_state_dict
+            set_model_state_dict(model, checkpoint["model"])
+            handle.state.step                                    # where the saved run stopped
     """
 
     def __init__(
@@ -313,12 +362,25 @@ class FSDPGradVac(Driver):
         Keys: ``format_version``, ``grouping``, ``num_tasks``, ``step`` (ints / str), ``block_sizes``
         (list of ints: the model's global block sizes), ``targets`` (flat list of float64 values of
         the ``[K, m, m]`` EMA targets, ``None`` before the first step), ``generator_state``
-        (``bytes``). No tensors on purpose: see :func:`gradvac_dist._state.to_plain`.
+        (``bytes``). No tensors on purpose: see ``gradvac_dist._state.to_plain``.
+
+        Returns:
+            The dict described above.
         """
         return to_plain(self.state.state_dict(), self.block_sizes)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads :meth:`state_dict`'s output (also after ``dcp.load``); checks it whole, changes nothing on error."""
+        """Loads :meth:`state_dict`'s output (also after ``dcp.load``); checks it whole, changes nothing on error.
+
+        Args:
+            state_dict: what :meth:`state_dict` returned, saved at any world size.
+
+        Raises:
+            ValueError: not a checkpoint of :meth:`state_dict` (a ``GradVacState.state_dict()`` is
+                loaded with ``handle.state.load_state_dict``), or one of another model, grouping
+                or number of tasks.
+            RuntimeError: called between micro-batches of gradient accumulation.
+        """
         loaded = from_plain(state_dict)
         if self._accumulation.active:
             raise RuntimeError(
@@ -334,7 +396,19 @@ class FSDPGradVac(Driver):
         ``sync`` follows the model's ``set_requires_gradient_sync`` when left ``None``; with gradient
         sync off, the call accumulates a micro-batch without communication. An explicit ``sync`` that
         contradicts that switch raises. At a synchronising step the input checks are agreed by
-        every rank (see :meth:`Engine.agree`): a bad input on one rank raises on all of them.
+        every rank (see ``Engine.agree``): a bad input on one rank raises on all of them.
+
+        Args:
+            losses: one scalar loss per task (``num_tasks`` of them), from the model's forward.
+            sync: ``None`` (follow ``set_requires_gradient_sync``), or a value that must agree with it.
+
+        Raises:
+            ValueError: bad losses or another number of them than ``num_tasks``; ``sync``
+                contradicting the model's switch, or the switch set differently on its modules;
+                a model that is not the root of its forward.
+            RuntimeError: called before any forward of the model.
+            NonFiniteGradientError: an inf/NaN task gradient with ``on_nonfinite="raise"``
+                (after ``.grad`` is written with the plain sum).
         """
         sync_on = compat.gradient_sync_enabled(g for _, gs in self._modules for g in gs)
         checked = self.engine.checked(lambda: self._check_step(losses, sync, sync_on), len, bool(sync_on))
