@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: lint, every test in float64, the single-process tests again in float32.
+# The whole test suite: lint, every test in float64, the single-process tests again in float32, and
+# (on the pinned torch) the documentation build, warnings as errors (launch/docs.sh).
 #   bash launch/test.sh [pytest args]                  # CI: the whole suite on the pinned torch (./.venv),
 #                                                      # then tests/distributed again on torch 2.14.1
 #   bash launch/test.sh --torch 2.6.0 [pytest args]    # the whole suite on that torch (./.venv-torch-2.6.0)
@@ -13,6 +14,7 @@ suite() {  # suite VENV [pytest args]: every step runs; fails if any step failed
   "$venv/bin/ruff" check . || rc=1
   "$venv/bin/python" -m pytest -n 2 -q tests "$@" || rc=1
   GRADVAC_TEST_DTYPE=float32 "$venv/bin/python" -m pytest -n 2 -q tests/unit "$@" || rc=1
+  if [ "$venv" = .venv ]; then bash launch/docs.sh || rc=1; fi  # the pinned environment's Sphinx, about 5 s
   return $rc
 }
 if [ "${1:-}" = --torch ]; then
