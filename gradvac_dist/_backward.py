@@ -72,9 +72,9 @@ def backward(
             DDP and FSDP2, not ``num_tasks`` of them); a plain module without ``aggregator``, or
             ``aggregator`` given for a DDP or FSDP2 model; no trainable parameter; an unknown
             ``grouping``; ``shared_params`` empty or not among the trainable parameters; sparse
-            gradients; FSDP1; the
-            single-process path in a job of several ranks; ``sync`` contradicting the wrapper's
-            switch. Under DDP and FSDP2 a bad input on one rank raises on every rank.
+            gradients; FSDP1; the single-process path in a job of several ranks; ``sync``
+            contradicting the wrapper's switch. Under DDP and FSDP2 a bad input on one rank
+            raises on every rank.
         NonFiniteGradientError: a task gradient holds inf or NaN and the aggregator or state has
             ``on_nonfinite="raise"``; the GradVac state is left untouched.
 

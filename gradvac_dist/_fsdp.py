@@ -61,6 +61,9 @@ def is_fsdp2(model: nn.Module) -> bool:
 def register_fsdp(model: nn.Module, state: GradVacState, *, reshard_between_passes: bool = False) -> FSDPGradVac:
     """Attaches GradVac to a model sharded with FSDP2; then call ``gradvac_dist.backward(model, losses)``.
 
+    Call it on every rank: registration is agreed by every rank (one small all-reduce), so an
+    error on one rank raises on all of them.
+
     Args:
         model: the ROOT module given to ``fully_shard`` (after the per-layer calls); every
             trainable parameter must be an FSDP-sharded DTensor on a 1-D device mesh, or on HSDP's
@@ -87,9 +90,6 @@ def register_fsdp(model: nn.Module, state: GradVacState, *, reshard_between_pass
             trainable parameters, a mesh of more than two dimensions (tensor parallelism) or an HSDP
             mesh that does not span every rank, a state or model registered twice.
         TypeError: ``state`` is not a :class:`GradVacState`.
-
-        Registration is agreed by every rank (one small all-reduce): an error on one rank
-        raises on all of them.
 
     Example:
         On every rank, with the process group initialised (``examples/fsdp2_train.py`` is a
@@ -289,14 +289,14 @@ class FSDPGradVac(Driver):
     registered handle. The content is rank- and world-size-independent (block sizes are global),
     so any world size may resume.
 
+    Built by :func:`register_fsdp`, not by hand.
+
     Args:
         model: the FSDP2 root module.
         state: its :class:`GradVacState`.
         binding: what registration found of the model (its FSDP modules and parameters, the
             blocks, the mesh): internal.
         reshard_between_passes: as for :func:`register_fsdp`.
-
-    Built by :func:`register_fsdp`, not by hand.
 
     Example:
         A checkpoint that resumes on any number of ranks (``path`` a directory every rank
@@ -332,7 +332,7 @@ class FSDPGradVac(Driver):
     # -- identity ------------------------------------------------------------------------------------
     @property
     def group(self) -> dist.ProcessGroup:
-        """The process group the Gramians are summed over: the FSDP mesh's (under HSDP, every rank)."""
+        """The process group the Gramians are summed over, the FSDP mesh's (under HSDP, every rank)."""
         return self.mesh.group
 
     @property
