@@ -5,6 +5,7 @@ build has no network), the builtin alabaster theme.
 """
 
 import pathlib
+import re
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -58,5 +59,16 @@ def _constant_docs(app, what, name, obj, options, lines):
     raise ValueError(f"{name}: no #: comment documents it in gradvac_dist/_*.py")
 
 
+#: A URL ending in an underscore, as the paper's OpenReview address (...forum?id=F1vEjWK-lH_):
+#: reStructuredText would read ``lH_`` as a reference to a target named "lH" and cut the link.
+_URL_ENDING_IN_UNDERSCORE = re.compile(r"(https?://[^\s<>`]*?)_(?=[\s).,;:]|$)")
+
+
+def _escape_url_underscores(app, what, name, obj, options, lines):
+    """Keeps such a URL whole in the rendered docstring (the docstring itself stays as written)."""
+    lines[:] = [_URL_ENDING_IN_UNDERSCORE.sub(r"\1\\_", line) for line in lines]
+
+
 def setup(app):
     app.connect("autodoc-process-docstring", _constant_docs)
+    app.connect("autodoc-process-docstring", _escape_url_underscores)
