@@ -36,6 +36,9 @@ class StepDiagnostics:
         step: the number of GradVac steps done, this one included.
         block_names: one name per block, for :meth:`per_block` (default ``"0"``, ``"1"``, ...).
 
+    Raises:
+        ValueError: ``block_names`` does not have one name per block.
+
     Example:
         >>> import torch, gradvac_dist
         >>> agg = gradvac_dist.GradVac(beta=0.5, seed=0)
@@ -61,10 +64,12 @@ class StepDiagnostics:
 
     @property
     def num_blocks(self) -> int:
+        """K, the number of blocks of the step."""
         return self._result.cosines.shape[0]
 
     @property
     def num_tasks(self) -> int:
+        """m, the number of tasks of the step."""
         return self._result.cosines.shape[-1]
 
     def _off_diagonal(self) -> Tensor:
