@@ -38,7 +38,7 @@ def _doctests() -> list[doctest.DocTest]:
         obj = getattr(gradvac_dist, name)
         if not (inspect.isclass(obj) or inspect.isroutine(obj)):
             continue  # a constant: its docstring is its type's
-        for test in finder.find(obj, f"gradvac_dist.{name}", globs={}):
+        for test in finder.find(obj, f"gradvac_dist.{name}"):  # in the defining module's namespace
             if test.examples:
                 tests.setdefault(test.name, test)
     return sorted(tests.values(), key=lambda t: t.name)
