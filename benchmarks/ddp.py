@@ -5,6 +5,7 @@
     python -m benchmarks ddp --markdown bench_ddp.md --profile
     python -m benchmarks ddp --goals       # the step-time goal's five cases side by side (about a minute)
     python -m benchmarks ddp --per-task    # per-task data: each task's loss on its own 1/m of the batch
+    python -m benchmarks ddp --link 1gbit  # the 2 ranks in two network namespaces over a 1 Gbit/s link (root)
 
 Side by side in one run (one process group; the variants interleaved round by round so that a
 shared machine's load drifts over all of them alike), m=3 tasks, an MLP of about 2.4M parameters
@@ -58,6 +59,23 @@ MAX_RATIO_TO_M_PASS_ONE_RANK = 1.15  # the same at W = 1
 
 
 MAX_RATIO_TO_M_PASS_PER_TASK = 1.10  # the same with per-task data (--per-task), W >= 2
+# On a rate-limited link (--link), where the wire is the bottleneck: (e) against (a), and against the
+# floor of sending the sharded strategy's bytes, (m+1)/2 times plain DDP's, at the link's rate
+MAX_RATIO_TO_M_PASS_ON_LINK = 0.75
+MAX_RATIO_TO_WIRE_FLOOR = 1.15
+_RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
+
+
+def rate_bits(rate: str) -> float:
+    """Bits per second of a tc rate such as ``1gbit`` or ``200mbit`` (tc's units are powers of 1000)."""
+    text = rate.strip().lower()
+    for unit in sorted(_RATE_UNITS, key=len, reverse=True):
+        if text.endswith(unit):
+            try:
+                return float(text[: -len(unit)]) * _RATE_UNITS[unit]
+            except ValueError:
+                break
+    raise ValueError(f"a link rate is a number and one of {', '.join(_RATE_UNITS)} (as tc writes it), got {rate!r}")
 
 
 def goal(world: int, per_task: bool = False) -> float:
@@ -110,6 +128,7 @@ class Config:
     variants: tuple[str, ...] = VARIANTS
     memory_steps: int = 0  # > 0: first, each variant alone for this many steps, its peak RSS and stash measured
     per_task: bool = False  # per-task data: the batch split into m slices, task i's loss on slice i only
+    link: str = ""  # "" : spawned ranks on 127.0.0.1; a tc rate (e.g. "1gbit"): one rank per namespace (_link.py)
 
 
 @dataclass
@@ -288,13 +307,13 @@ def _written_bytes() -> int | None:
     return None
 
 
-def _lo_tx_bytes() -> int | None:
-    """Bytes transmitted so far on the loopback interface, or None where /proc/net/dev has no lo."""
+def _lo_tx_bytes(interface: str = "lo") -> int | None:
+    """Bytes transmitted so far on ``interface`` (default loopback), or None where /proc/net/dev lacks it."""
     try:
         with open("/proc/net/dev") as fh:
             for line in fh:
                 name, _, rest = line.partition(":")
-                if name.strip() == "lo":
+                if name.strip() == interface:
                     return int(rest.split()[8])
     except (OSError, IndexError, ValueError):
         pass
@@ -381,22 +400,25 @@ def _rank_main(rank: int, cfg: Config) -> RankResult:
         done += count
         order = order[1:] + order[:1]
 
-    # Bytes per step: payload counters, and the loopback transmit counter around `traffic_steps`.
+    # Bytes per step: payload counters, and the interface's transmit counter around `traffic_steps`:
+    # loopback carries every rank's traffic; on a link each rank's namespace has its own veth end.
+    interface = os.environ.get("GLOO_SOCKET_IFNAME", "lo") if cfg.link else "lo"
+    sharing = 1 if cfg.link else world
     for k, v in variants.items():
         v.reset_counts()
         dist.barrier()
-        before, written = _lo_tx_bytes(), _written_bytes()
+        before, written = _lo_tx_bytes(interface), _written_bytes()
         for _ in range(cfg.traffic_steps):
             v.step()
         dist.barrier()  # every byte of the steps has been received once the barrier returns
-        after, written_after = _lo_tx_bytes(), _written_bytes()
+        after, written_after = _lo_tx_bytes(interface), _written_bytes()
         if written is not None and written_after is not None:
             out.socket_tx[k] = (written_after - written) / cfg.traffic_steps
         nbytes, calls = v.counts()
         out.payload[k] = {name: b // cfg.traffic_steps for name, b in nbytes.items()}
         out.calls[k] = {name: c / cfg.traffic_steps for name, c in calls.items()}
         if rank == 0 and before is not None and after is not None:
-            out.lo_tx[k] = (after - before) / world / cfg.traffic_steps
+            out.lo_tx[k] = (after - before) / sharing / cfg.traffic_steps
         driver = getattr(v.state, "_driver", None)
         if driver is not None:  # the hook's own count (at W=1 no reduction is issued to count them by)
             out.num_buckets = driver.num_buckets or 0
@@ -434,6 +456,10 @@ def _rank_result(rank: int, cfg: Config) -> dict[str, Any]:
 def _launch_many(cfgs: list[Config]) -> tuple[list[list[dict[str, Any]]], dict[int, float]]:
     """Every rank's result per configuration (one group of spawned ranks per world size, one start-up
     for all its configurations), and each group's wall time in seconds."""
+    if any(cfg.link for cfg in cfgs):
+        from ._link import launch_on_link
+
+        return [launch_on_link(cfg) for cfg in cfgs], {}
     return spawn_by_world(_rank_result, cfgs, threads=lambda world: 1, prefix="gradvac_bench_ddp_")
 
 
@@ -566,7 +592,9 @@ def _report(cfg: Config, results: list[dict[str, Any]], elapsed: float) -> tuple
     base = med.get("a")
     mb = 1e6
     table = Table(
-        f"GradVac-DDP vs DDP: {world} gloo ranks on 127.0.0.1, 1 thread each, m={cfg.m}, MLP {n / 1e6:.2f}M params, "
+        f"GradVac-DDP vs DDP: {world} gloo ranks "
+        f"{f'in 2 network namespaces, a {cfg.link} link between them' if cfg.link else 'on 127.0.0.1'}, "
+        f"1 thread each, m={cfg.m}, MLP {n / 1e6:.2f}M params, "
         f"batch {cfg.batch}/rank{' (per-task data: 1/m of it per task)' if cfg.per_task else ''}, "
         f"{cfg.steps} timed steps; bytes = MB sent per rank per step",
         [
@@ -578,7 +606,7 @@ def _report(cfg: Config, results: list[dict[str, Any]], elapsed: float) -> tuple
             "vs (b)",
             "counters->ring MB",
             "formula MB",
-            "lo MB",
+            "link MB" if cfg.link else "lo MB",
             "rank MB",
         ],
     )
@@ -602,11 +630,28 @@ def _report(cfg: Config, results: list[dict[str, Any]], elapsed: float) -> tuple
     ok = True
     table.notes.append(
         "vs (a), vs (b): ratio of the medians; paired: median over steps of the ratio to (a)'s step of the same round. "
-        "Measured bytes: lo = the loopback interface's tx counter / ranks (the whole machine's traffic); "
-        "rank = bytes each rank's process wrote to its sockets (/proc/self/io), mean over ranks."
+        + (
+            "Measured bytes: link = rank 0's end of the link, its tx counter; "
+            if cfg.link
+            else "Measured bytes: lo = the loopback interface's tx counter / ranks (the whole machine's traffic); "
+        )
+        + "rank = bytes each rank's process wrote to its sockets (/proc/self/io), mean over ranks."
     )
+    if cfg.link and base and "e" in med:
+        wire = 1e3 * formula_bytes("e", n, world, cfg.m) * 8 / rate_bits(cfg.link)
+        to_a, to_floor = med["e"] / base, med["e"] / wire
+        ok = to_a <= MAX_RATIO_TO_M_PASS_ON_LINK and to_floor <= MAX_RATIO_TO_WIRE_FLOOR
+        table.notes.append(
+            f"{pass_fail(to_a <= MAX_RATIO_TO_M_PASS_ON_LINK)}: on the {cfg.link} link, {LABELS['e']} {med['e']:.1f} ms "
+            f"= {to_a:.2f}x (a) (paired {paired['e']:.2f}x), goal <= {MAX_RATIO_TO_M_PASS_ON_LINK}x"
+        )
+        table.notes.append(
+            f"{pass_fail(to_floor <= MAX_RATIO_TO_WIRE_FLOOR)}: the wire floor of (e), its formula bytes at {cfg.link}: "
+            f"{wire:.1f} ms ((m+1)/2 = {(cfg.m + 1) / 2:g} times plain DDP's {1e3 * formula_bytes('b', n, world) * 8 / rate_bits(cfg.link):.1f} ms); "
+            f"(e) = {to_floor:.2f}x it, goal <= {MAX_RATIO_TO_WIRE_FLOOR}x"
+        )
     for k in ("d", "e"):
-        if base and k in med:
+        if base and k in med and not cfg.link:
             limit = goal(cfg.world, cfg.per_task)
             passed = med[k] <= limit * base
             ok = ok and passed
@@ -742,6 +787,13 @@ def _parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     ap.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket_cap_mb (default 25)")
     ap.add_argument("--profile", action="store_true", help="time the step's phases on rank 0 (extra steps)")
     ap.add_argument(
+        "--link",
+        metavar="RATE",
+        default="",
+        help="run the 2 ranks in two network namespaces joined by a veth pair limited to RATE with tc's tbf "
+        "(e.g. 1gbit, 200mbit; launch/two_nodes.sh; needs root)",
+    )
+    ap.add_argument(
         "--per-task",
         action="store_true",
         help="per-task data: each task's loss on its own 1/m of the batch, one forward per task ((b): one forward)",
@@ -767,7 +819,15 @@ def _parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         profile=args.profile,
         timeout=args.timeout,
         per_task=args.per_task,
+        link=args.link,
     )
+    if args.link and (args.world != 2 or args.goals):
+        ap.error("--link runs exactly 2 ranks, one per namespace (no --world, no --goals)")
+    if args.link:
+        try:
+            rate_bits(args.link)
+        except ValueError as err:
+            ap.error(f"--link: {err}")
     if args.per_task and args.batch % cfg.m:
         ap.error(f"--per-task splits the batch among the {cfg.m} tasks: --batch must be a multiple of {cfg.m}")
     if args.quick:
