@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default 300)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per process per step (default 32)")
+    p.add_argument(
+        "--per-task",
+        action="store_true",
+        help="per-task data: each task trains on its own 1/m of every batch (one forward per task), instead of "
+        "every sample carrying every task's label",
+    )
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, momentum 0.9 (default 0.05)")
     p.add_argument("--hidden", type=int, default=128, help="width of the shared trunk's two layers (default 128)")
     p.add_argument(
@@ -110,6 +116,11 @@ def parse_args(
         err(f"--steps must be at least 1, got {args.steps}")
     if args.batch_size < 1:
         err(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.per_task and args.batch_size < args.tasks:
+        err(
+            f"--per-task gives each of the {args.tasks} tasks its own slice of the batch: --batch-size must be at "
+            f"least {args.tasks}, got {args.batch_size}"
+        )
     per_process = NUM_TRAIN // args.world_size
     if args.batch_size > per_process:
         err(

@@ -111,6 +111,32 @@ def block_names(model: nn.Module, grouping: str) -> list[str]:
     return list(dict.fromkeys(n.rsplit(".", 1)[0] for n in names))
 
 
+def task_losses(model: nn.Module, xb: Tensor, yb: Tensor, per_task: bool) -> list[Tensor]:
+    """The m task losses (cross-entropy of each head) of one process's batch ``xb``, labels ``yb`` ``[B, m]``.
+
+    Shared batch (default): every sample has every task's label; one forward serves all tasks.
+    Per-task data (``--per-task``): each sample belongs to one task, as in the GradVac paper's
+    multilingual setting: task ``i`` trains on its own ``B/m`` samples (slice ``i`` of the batch),
+    with one forward per task (docs/usage.md, "Per-task data").
+    """
+    if not per_task:
+        return [F.cross_entropy(out, yb[:, i]) for i, out in enumerate(model(xb))]
+    m = yb.shape[1]
+    return [F.cross_entropy(model(x)[i], y[:, i]) for i, (x, y) in enumerate(zip(xb.chunk(m), yb.chunk(m)))]
+
+
+def summed_loss(model: nn.Module, xb: Tensor, yb: Tensor, per_task: bool) -> tuple[Tensor, list[Tensor]]:
+    """The plain method's loss in one forward (per-task data: each sample's loss for its own task only)."""
+    outputs = model(xb)
+    m = yb.shape[1]
+    if not per_task:
+        losses = [F.cross_entropy(out, yb[:, i]) for i, out in enumerate(outputs)]
+    else:
+        rows = torch.arange(xb.shape[0], device=xb.device).chunk(m)
+        losses = [F.cross_entropy(out[r], yb[r, i]) for i, (out, r) in enumerate(zip(outputs, rows))]
+    return torch.stack(losses).sum(), losses
+
+
 def seeds_of(args) -> list[int]:
     return [args.seed + k for k in range(args.seeds)]
 
@@ -163,12 +189,12 @@ def train_method(
         index = next(batches).to(device)
         xb, yb = x_train[index], y_train[index]
         t0 = time.perf_counter()
-        outputs = ddp(xb)
-        losses = [F.cross_entropy(out, yb[:, i]) for i, out in enumerate(outputs)]
         if state is not None:
+            losses = task_losses(ddp, xb, yb, args.per_task)
             backward(ddp, losses)
         else:
-            torch.stack(losses).sum().backward()
+            total, losses = summed_loss(ddp, xb, yb, args.per_task)
+            total.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":

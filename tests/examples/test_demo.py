@@ -227,6 +227,7 @@ def test_impossible_option_stops_before_any_process_starts(tmp_path):
         (["--seeds", "0"], "--seeds must be at least 1"),
         (["--grouping", "layer"], "invalid choice: 'layer'"),
         (["--backend", "mpi"], "invalid choice: 'mpi'"),
+        (["--per-task", "--batch-size", "2"], "--batch-size must be at least 3, got 2"),
     ],
 )
 def test_option_errors(argv, message, capsys):
@@ -287,3 +288,84 @@ def test_data_labels_split_and_determinism():
     held_images = {bytes(row.numpy()) for row in a.x_heldout.view(-1, 8, 16)[:, :, :8].reshape(-1, 64)}
     assert not train_images & held_images
     assert demo_data.load(3).y_train.shape == (demo_data.NUM_TRAIN, 3)
+
+
+def _per_task_body(rank, world):
+    """Two steps of the demo's per-task losses through DDP + gradvac_hook against GradVac on the rank-mean
+    per-task Jacobian of a plain copy (each task's gradient from its own slice of each rank's batch)."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from examples.demo.train import SHARED, task_losses
+    from gradvac_dist import GradVac, GradVacState, backward, gradvac_hook
+    from tests.distributed.ddp_bodies import block_columns, reference_grad
+
+    data = demo_data.load(3, num_train=120, num_heldout=30)
+    torch.manual_seed(0)
+    model = MultiTaskMLP(data.num_features, 16, [t.num_classes for t in data.tasks]).double()
+    plain = copy.deepcopy(model)
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)
+    state = GradVacState(num_tasks=3, beta=0.5, seed=0, grouping="module", shared_params=[SHARED])
+    ddp.register_comm_hook(state, gradvac_hook)
+    ref = GradVac(beta=0.5, seed=0)
+    cols, sizes = block_columns(plain, "module", [SHARED])
+    params = list(plain.parameters())
+    errors, corrected = [], False
+    for step in range(2):
+        start = (step * world + rank) * 12
+        xb, yb = data.x_train[start : start + 12].double(), data.y_train[start : start + 12]
+        rows = []
+        for loss in task_losses(plain, xb, yb, per_task=True):
+            gs = torch.autograd.grad(loss, params, allow_unused=True)
+            rows.append(
+                torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params)])
+            )
+        local = torch.stack(rows)
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local)
+        expected = reference_grad(ref, torch.stack(gathered).mean(0), cols, sizes)
+        corrected = corrected or bool(ref.last_result.corrected.any())
+        backward(ddp, task_losses(ddp, xb, yb, per_task=True))
+        got = torch.cat([p.grad.flatten() for p in model.parameters()])
+        errors.append(float((got - expected).norm() / expected.norm()))
+        with torch.no_grad():  # both take the same plain SGD step
+            for p, q in zip(model.parameters(), plain.parameters()):
+                p -= 0.1 * p.grad
+                q.copy_(p)
+        for p in model.parameters():
+            p.grad = None
+    return errors, corrected
+
+
+def test_per_task_demo_losses_are_exact_under_ddp():
+    from tests.distributed.harness import run_distributed
+
+    for errors, corrected in run_distributed(_per_task_body, 2, timeout=90):
+        assert max(errors) < 1e-12, errors
+        assert corrected, "GradVac never corrected: the plain sum would pass too"
+
+
+def test_per_task_losses_use_each_slice_for_its_own_task():
+    from examples.demo.train import summed_loss, task_losses
+
+    torch.manual_seed(0)
+    model = MultiTaskMLP(4, 8, [2, 3, 2]).double()
+    xb = torch.randn(7, 4, dtype=torch.float64)
+    yb = torch.stack([torch.randint(0, c, (7,)) for c in (2, 3, 2)], 1)
+    losses = task_losses(model, xb, yb, per_task=True)
+    slices = [slice(0, 3), slice(3, 6), slice(6, 7)]  # torch.chunk's split of 7 rows into 3
+    for i, (loss, rows) in enumerate(zip(losses, slices)):
+        expected = torch.nn.functional.cross_entropy(model(xb[rows])[i], yb[rows, i])
+        assert torch.allclose(loss, expected)
+    total, parts = summed_loss(model, xb, yb, per_task=True)
+    assert torch.allclose(total, torch.stack(losses).sum()) and len(parts) == 3
+
+
+def test_demo_per_task_end_to_end(tmp_path):
+    out_dir = tmp_path / "demo"
+    args = ["--per-task", "--steps", "3", "--hidden", "16", "--batch-size", "9", "--seeds", "1", "--no-progress"]
+    result = _run(["-m", "examples.demo", *args, "--out", str(out_dir)])
+    assert result.returncode == 0, result.stderr
+    _check_outputs(out_dir, result.stdout, ["left", "right", "parity"], steps=3, world_size=2, seeds=[0], blocks=None)
