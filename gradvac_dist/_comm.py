@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -112,13 +112,15 @@ def all_reduce_sum(tensor: Tensor, group: dist.ProcessGroup | None, counters: Co
 class PendingReduce:
     """An asynchronous reduction in flight; :meth:`wait` completes it (and its local epilogue)."""
 
-    __slots__ = ("_then", "_work")
+    __slots__ = ("_then", "_works")
 
-    def __init__(self, work: dist.Work, then: Callable[[], object] | None = None) -> None:
-        self._work, self._then = work, then
+    def __init__(self, work: dist.Work | Sequence[dist.Work], then: Callable[[], object] | None = None) -> None:
+        self._works = tuple(work) if isinstance(work, Sequence) else (work,)
+        self._then = then
 
     def wait(self) -> None:
-        self._work.wait()
+        for work in self._works:
+            work.wait()
         if self._then is not None:
             self._then()
             self._then = None
@@ -158,6 +160,65 @@ def start_reduce_scatter(
     )
     assert work is not None
     return PendingReduce(work)
+
+
+def fill_piece_major(scratch: Tensor, buf: Tensor, world: int, shard: int, pieces: Sequence[tuple[int, int]]) -> None:
+    """``scratch = buf / world``, laid out piece by piece for :func:`start_reduce_scatter_in_pieces`.
+
+    ``buf`` is rank-major (rank ``r``'s shard is ``buf[r*shard : (r+1)*shard]``, the last one possibly
+    short: its missing columns are padding). For each piece ``[lo, hi)`` of the shard,
+    ``scratch[world*lo : world*hi]`` holds every rank's columns ``lo..hi`` one rank after the other,
+    so that an ``all_to_all_single`` of that slice sends each rank its columns of the piece. Padding
+    positions are never written (``scratch`` starts as zeros). The same element-wise division as the
+    whole-buffer path: the values are bit-identical.
+    """
+    length = buf.numel()
+    if length == world * shard:
+        rows = buf.view(world, shard)
+        for lo, hi in pieces:
+            torch.div(rows[:, lo:hi], world, out=scratch[world * lo : world * hi].view(world, hi - lo))
+        return
+    for r in range(world):
+        start = min(r * shard, length)
+        chunk = buf[start : min(start + shard, length)]
+        for lo, hi in pieces:
+            seg = chunk[lo:hi]
+            if seg.numel():
+                at = world * lo + r * (hi - lo)
+                torch.div(seg, world, out=scratch[at : at + seg.numel()])
+
+
+def start_reduce_scatter_in_pieces(
+    output: Tensor,
+    scratch: Tensor,
+    recv: Tensor,
+    pieces: Sequence[tuple[int, int]],
+    group: dist.ProcessGroup | None,
+    counters: CommCounters,
+    name: str,
+) -> PendingReduce:
+    """Async SUM reduce-scatter of a :func:`fill_piece_major` buffer: one ``all_to_all_single`` per piece,
+    all in flight at once, then each piece's W received chunks summed in rank order into
+    ``output[lo:hi]`` (the same sums as :func:`start_reduce_scatter`'s, bit for bit).
+
+    Why pieces: over TCP (gloo), one large all-to-all reached 55-70% of a rate-limited link's rate
+    where the same bytes in four pipelined pieces, or gloo's own chunked ring all-reduce, reached
+    90-100% (docs/design.md, "Thresholds").
+    """
+    world = dist.get_world_size(group)
+    works = []
+    for lo, hi in pieces:
+        piece = slice(world * lo, world * hi)
+        counters.record(name, scratch[piece])
+        work = dist.all_to_all_single(recv[piece], scratch[piece], group=group, async_op=True)
+        assert work is not None
+        works.append(work)
+
+    def _sum() -> None:
+        for lo, hi in pieces:
+            _sum_chunks(recv[world * lo : world * hi].view(world, hi - lo), output[lo:hi])
+
+    return PendingReduce(works, _sum)
 
 
 def _sum_chunks(chunks: Tensor, out: Tensor) -> Tensor:

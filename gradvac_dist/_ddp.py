@@ -35,11 +35,13 @@ from ._comm import (
     CommCounters,
     PendingReduce,
     default_strategy,
+    fill_piece_major,
     reduce_scatter_via_all_to_all,
     shard_length,
     start_all_gather,
     start_all_reduce_pending,
     start_reduce_scatter,
+    start_reduce_scatter_in_pieces,
     world_of,
 )
 from ._engine import Driver, Engine, Piece, StepOutcome, agree_on_failure, attach, driver_of
@@ -79,7 +81,8 @@ def gradvac_hook(state: GradVacState, bucket: dist.GradBucket) -> torch.futures.
     - ``"replicated"``: m all-reduces of n: about ``2 m n (W-1)/W``, plus ``K m^2``.
     - ``"sharded"`` (default): m reduce-scatters and one all-gather: about ``(m+1) n (W-1)/W``, plus
       ``K m^2``. On gloo each reduce-scatter is an ``all_to_all_single`` plus a local sum, because
-      gloo's own reduce-scatter sends the whole bucket.
+      gloo's own reduce-scatter sends the whole bucket; a large shard goes in up to 4 pipelined
+      pieces, which keep a TCP link busy where one large all-to-all does not.
 
     Both strategies add, before the passes, one all-reduce of ``W`` flags (every rank's input
     checks; the settings at the first step), so that a loss refused on one rank raises on all.
@@ -217,6 +220,7 @@ class _BucketPlan:
         "param_ids",
         "param_segments",
         "params_in_bucket",
+        "pieces",
         "recv",
         "result",
         "scratch",
@@ -269,9 +273,12 @@ class _BucketPlan:
             self.stash = torch.zeros((m, shard), dtype=buf.dtype, device=buf.device)
             self.scratch = torch.zeros(shard * world, dtype=buf.dtype, device=buf.device)
             self.recv = torch.empty_like(self.scratch) if all_to_all else None
+            # all-to-all reduce-scatters of large shards go in pipelined pieces (see start_reduce_scatter_in_pieces)
+            self.pieces = _pieces(shard) if all_to_all else [(0, shard)]
         else:
             self.stash = torch.zeros((m, self.length), dtype=buf.dtype, device=buf.device)
             self.scratch = self.recv = None
+            self.pieces = []
         self.works: list[PendingReduce | None] = [None] * m
         self.future: torch.futures.Future[Tensor] | None = None
         self.buffer: Tensor | None = None  # the bucket's buffer in the last pass, until the step resolves it
@@ -454,10 +461,16 @@ class DDPGradVac(Driver):
                 prev = plan.works[task - 1]
                 if prev is not None:
                     prev.wait()  # the scratch (and receive) buffers are reused for this task
-            torch.div(buf, self.world, out=plan.scratch[: plan.length])
-            plan.works[task] = start_reduce_scatter(
-                plan.stash[task], plan.scratch, plan.recv, group, counters, "task_reduce_scatter"
-            )
+            if plan.recv is not None and len(plan.pieces) > 1:
+                fill_piece_major(plan.scratch, buf, self.world, plan.stash.shape[1], plan.pieces)
+                plan.works[task] = start_reduce_scatter_in_pieces(
+                    plan.stash[task], plan.scratch, plan.recv, plan.pieces, group, counters, "task_reduce_scatter"
+                )
+            else:
+                torch.div(buf, self.world, out=plan.scratch[: plan.length])
+                plan.works[task] = start_reduce_scatter(
+                    plan.stash[task], plan.scratch, plan.recv, group, counters, "task_reduce_scatter"
+                )
         else:
             torch.div(buf, self.world, out=plan.stash[task])
             plan.works[task] = start_all_reduce_pending(plan.stash[task], group, counters, "task_all_reduce")

@@ -420,3 +420,18 @@ def cuda_sync_count_body(rank, world):
         return counts[-1]
 
     return {"plain": count(False), "gradvac": count(True)}
+
+
+def pieces_body(rank, world, configs, piece):
+    """The sharded configurations twice: as they are, then with gloo's all-to-all reduce-scatters in
+    pipelined pieces (``PIPELINE_PIECE`` lowered so that this small model's shards split)."""
+    from gradvac_dist import _ddp
+
+    whole = [run_config(rank, world, **cfg) for cfg in configs]
+    saved = _ddp.PIPELINE_PIECE
+    _ddp.PIPELINE_PIECE = piece
+    try:
+        pieced = [run_config(rank, world, **cfg) for cfg in configs]
+    finally:
+        _ddp.PIPELINE_PIECE = saved
+    return whole, pieced
