@@ -398,7 +398,9 @@ class GradVacState:
     eps = property(lambda self: self.settings.eps, doc="Stabiliser of both denominators.")
     seed = property(lambda self: self.settings.seed, doc="Seed of the order generator.")
     grouping = property(lambda self: self.settings.grouping, doc="How parameters are split into blocks.")
-    strategy = property(lambda self: self.settings.strategy, doc="DDP's per-task reduction (None for the backend's default).")
+    strategy = property(
+        lambda self: self.settings.strategy, doc="DDP's per-task reduction (None for the backend's default)."
+    )
     shared_params = property(lambda self: self.settings.shared_params, doc="Parameters GradVac acts on.")
     on_nonfinite = property(lambda self: self.settings.on_nonfinite, doc="What a non-finite step does.")
     check_sync_every = property(lambda self: self.settings.check_sync_every, doc="Steps between sync checks.")
