@@ -4,6 +4,8 @@ Launch (CPU, gloo; ``--max_restarts`` lets torchrun restart the workers after a 
     torchrun --nproc_per_node 2 --max_restarts 1 examples/elastic_train.py --checkpoint runs/elastic
 Several nodes (the same command on every node): ``MAX_RESTARTS=1 SCRIPT=examples/elastic_train.py
 bash launch/multinode.sh --checkpoint runs/elastic``; on one machine, ``launch/two_nodes.sh``.
+Across nodes set ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (multinode.sh does when MAX_RESTARTS is
+given): with torch's shared rendezvous store a restart can hang (pytorch#135712, docs/usage.md).
 
 The pattern, for any training loop:
 

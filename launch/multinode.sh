@@ -29,6 +29,11 @@ if command -v nvidia-smi >/dev/null 2>&1 && [ "$(nvidia-smi -L 2>/dev/null | wc 
 else
   NPROC=${NPROC:-2}; BACKEND=${BACKEND:-gloo}
 fi
+# With restarts, the workers must not share the rendezvous store (torch's default): they isolate each
+# round's keys by TORCHELASTIC_RESTART_COUNT, which each node counts on its own (a node restarted for
+# its peer's failure does not count it), so restarted workers can read a previous round's addresses
+# and hang connecting to them (pytorch#135712). A store of their own per round avoids that.
+if [ -n "${MAX_RESTARTS:-}" ]; then export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}; fi
 launch .venv/bin/torchrun \
   --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
   --rdzv_backend c10d --rdzv_endpoint "$MASTER:${RDZV_PORT:-29500}" --rdzv_id "${RDZV_ID:-gradvac}" \
