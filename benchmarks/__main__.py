@@ -5,6 +5,7 @@
     python -m benchmarks fsdp [--quick] ...                      (2 gloo ranks)
     python -m benchmarks report [--quick] [--out DIR]            (all of them + sweeps)
     python -m benchmarks scale                                   (bytes per step at W = 8..1024, on paper)
+    python -m benchmarks gpu-check [--device cpu] [--out FILE]   (tests/gpu and the benchmarks on NCCL: one table)
 
 Each prints medians side by side from one run, their ratios, and PASS/FAIL against its goals;
 ``report`` runs every benchmark and sweeps over m, n and W, and writes DIR/report.md and PNG plots.
@@ -33,6 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import ddp, fsdp
 
         return {"ddp": ddp.main, "fsdp": fsdp.main}[args[0]](args[1:])
+    if args and args[0] == "gpu-check":
+        from . import gpu_check
+
+        return gpu_check.main(args[1:])
     if args and args[0] == "scale":
         from . import scale
 

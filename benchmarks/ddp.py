@@ -6,6 +6,7 @@
     python -m benchmarks ddp --goals       # the step-time goal's five cases side by side (about a minute)
     python -m benchmarks ddp --per-task    # per-task data: each task's loss on its own 1/m of the batch
     python -m benchmarks ddp --link 1gbit  # the 2 ranks in two network namespaces over a 1 Gbit/s link (root)
+    torchrun --nproc_per_node 1 -m benchmarks ddp --device cuda --variants abde   # NCCL, one GPU per rank
 
 Side by side in one run (one process group; the variants interleaved round by round so that a
 shared machine's load drifts over all of them alike), m=3 tasks, an MLP of about 2.4M parameters
@@ -33,6 +34,8 @@ to its sockets (``wchar`` of ``/proc/self/io``), which counts that rank alone.
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import statistics
 import sys
@@ -128,6 +131,7 @@ class Config:
     variants: tuple[str, ...] = VARIANTS
     memory_steps: int = 0  # > 0: first, each variant alone for this many steps, its peak RSS and stash measured
     per_task: bool = False  # per-task data: the batch split into m slices, task i's loss on slice i only
+    device: str = "cpu"  # "cuda": this rank's current CUDA device (under torchrun with NCCL: --torchrun)
     link: str = ""  # "" : spawned ranks on 127.0.0.1; a tc rate (e.g. "1gbit"): one rank per namespace (_link.py)
 
 
@@ -190,16 +194,19 @@ class _Variant:
         self.world = dist.get_world_size()
         self.m = m = cfg.m
         torch.manual_seed(0)
-        module = MultiTaskMLP(cfg.in_dim, cfg.hidden, cfg.head_hidden, m)
+        module = MultiTaskMLP(cfg.in_dim, cfg.hidden, cfg.head_hidden, m).to(x.device)
+        ids = {"device_ids": [x.device.index]} if x.device.type == "cuda" else {}
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.n = sum(p.numel() for p in self.params)
         self.state: GradVacState | None = None
         self.payload: dict[str, int] = {}  # counted here for the variants without a GradVacState
         self.model: nn.Module
         if key in ("a", *HOOKED):
-            self.model = DistributedDataParallel(module, find_unused_parameters=True, bucket_cap_mb=cfg.bucket_cap_mb)
+            self.model = DistributedDataParallel(
+                module, find_unused_parameters=True, bucket_cap_mb=cfg.bucket_cap_mb, **ids
+            )
         elif key == "b":
-            self.model = DistributedDataParallel(module, bucket_cap_mb=cfg.bucket_cap_mb)
+            self.model = DistributedDataParallel(module, bucket_cap_mb=cfg.bucket_cap_mb, **ids)
         else:
             self.model = module
             self.loop = PlainLoopGradVac(m, [self.n], seed=0)
@@ -347,6 +354,11 @@ def _probe_memory(cfg: Config, x: Tensor, ys: Tensor, out: RankResult) -> None:
     release_and_reset_peak()
 
 
+def _sync(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.synchronize()
+
+
 def _rank_main(rank: int, cfg: Config) -> RankResult:
     world = cfg.world
     gen = torch.Generator().manual_seed(1234)
@@ -354,7 +366,8 @@ def _rank_main(rank: int, cfg: Config) -> RankResult:
     ys_all = torch.randn(cfg.m, world * cfg.batch, generator=gen)
     ys_all[1] = -ys_all[0] + 0.5 * ys_all[1]  # opposed to task 0: conflicting gradients
     rows = slice(rank * cfg.batch, (rank + 1) * cfg.batch)
-    x, ys = x_all[rows].contiguous(), ys_all[:, rows].contiguous()
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
+    x, ys = x_all[rows].contiguous().to(device), ys_all[:, rows].contiguous().to(device)
 
     out = RankResult()
     if cfg.memory_steps > 0:
@@ -396,6 +409,7 @@ def _rank_main(rank: int, cfg: Config) -> RankResult:
             for _ in range(count):
                 start = time.perf_counter()
                 v.step()
+                _sync(device)  # an accelerator's step ends when its queued work does
                 out.times[k].append(time.perf_counter() - start)
         done += count
         order = order[1:] + order[:1]
@@ -451,6 +465,22 @@ def _rank_main(rank: int, cfg: Config) -> RankResult:
 
 def _rank_result(rank: int, cfg: Config) -> dict[str, Any]:
     return asdict(_rank_main(rank, cfg))
+
+
+def _under_torchrun(cfg: Config) -> list[dict[str, Any]] | None:
+    """This process as one torchrun rank (NCCL with ``device="cuda"``, else gloo): every rank's result
+    on rank 0, ``None`` on the others."""
+    if cfg.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        torch.set_num_threads(1)
+    backend = "nccl" if cfg.device == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout))
+    rank, cfg.world = dist.get_rank(), dist.get_world_size()
+    result = _rank_result(rank, cfg)
+    gathered: list[Any] = [None] * cfg.world
+    dist.all_gather_object(gathered, result)
+    return gathered if rank == 0 else None
 
 
 def _launch_many(cfgs: list[Config]) -> tuple[list[list[dict[str, Any]]], dict[int, float]]:
@@ -592,8 +622,8 @@ def _report(cfg: Config, results: list[dict[str, Any]], elapsed: float) -> tuple
     base = med.get("a")
     mb = 1e6
     table = Table(
-        f"GradVac-DDP vs DDP: {world} gloo ranks "
-        f"{f'in 2 network namespaces, a {cfg.link} link between them' if cfg.link else 'on 127.0.0.1'}, "
+        f"GradVac-DDP vs DDP: {world} {'NCCL' if cfg.device == 'cuda' else 'gloo'} ranks "
+        f"{f'in 2 network namespaces, a {cfg.link} link between them' if cfg.link else 'on one machine'}, "
         f"1 thread each, m={cfg.m}, MLP {n / 1e6:.2f}M params, "
         f"batch {cfg.batch}/rank{' (per-task data: 1/m of it per task)' if cfg.per_task else ''}, "
         f"{cfg.steps} timed steps; bytes = MB sent per rank per step",
@@ -794,11 +824,18 @@ def _parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         "(e.g. 1gbit, 200mbit; launch/two_nodes.sh; needs root)",
     )
     ap.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: under torchrun only, one GPU per rank, NCCL (variants without (c), whose loop runs on the CPU)",
+    )
+    ap.add_argument(
         "--per-task",
         action="store_true",
         help="per-task data: each task's loss on its own 1/m of the batch, one forward per task ((b): one forward)",
     )
     ap.add_argument("--markdown", metavar="PATH", help="also write the report as markdown to PATH")
+    ap.add_argument("--json", metavar="PATH", help="also write the run's numbers (benchmarks.ddp.Summary) as JSON")
     ap.add_argument("--strict", action="store_true", help="exit with status 1 when the goal is missed")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds before the run is abandoned")
     ap.add_argument(
@@ -820,7 +857,17 @@ def _parse(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         timeout=args.timeout,
         per_task=args.per_task,
         link=args.link,
+        device=args.device,
     )
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if args.device == "cuda" and not (under_torchrun and torch.cuda.is_available()):
+        ap.error(
+            "--device cuda runs under torchrun on a machine with CUDA: torchrun --nproc_per_node N -m benchmarks ddp ..."
+        )
+    if args.device == "cuda" and "c" in args.variants:
+        ap.error("--device cuda: leave out (c), the naive GradVac runs its loop on the CPU (e.g. --variants abde)")
+    if under_torchrun and (args.goals or args.link):
+        ap.error("under torchrun the benchmark runs one configuration on the launched ranks (no --goals, no --link)")
     if args.link and (args.world != 2 or args.goals):
         ap.error("--link runs exactly 2 ranks, one per namespace (no --world, no --goals)")
     if args.link:
@@ -850,13 +897,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.goals:
         cfgs = goal_configs(args.steps, args.quick, cfg.bucket_cap_mb, cfg.timeout)
         report, ok = _goals_report(cfgs, _launch_many(cfgs)[0], time.perf_counter() - start)
+        results = None
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun started this process
+        results = _under_torchrun(cfg)
+        if results is None:
+            _leave_torchrun_rank(0)
+            return 0
+        report, ok = _report(cfg, results, time.perf_counter() - start)
+        _write_outputs(args, cfg, results, report)
+        _leave_torchrun_rank(0 if ok or not args.strict else 1)
     else:
-        report, ok = _report(cfg, _launch_many([cfg])[0][0], time.perf_counter() - start)
+        results = _launch_many([cfg])[0][0]
+        report, ok = _report(cfg, results, time.perf_counter() - start)
+    _write_outputs(args, cfg, None if args.goals else results, report)
+    return 0 if ok or not args.strict else 1
+
+
+def _write_outputs(args: argparse.Namespace, cfg: Config, results: list[dict[str, Any]] | None, report: Report) -> None:
     print(report.to_text(), flush=True)
     if args.markdown:
         with open(args.markdown, "w") as fh:
             fh.write(report.to_markdown())
-    return 0 if ok or not args.strict else 1
+    if args.json and results is not None:
+        with open(args.json, "w") as fh:
+            json.dump({"config": asdict(cfg), "summary": asdict(summarize(cfg, results))}, fh, indent=1)
+
+
+def _leave_torchrun_rank(code: int) -> None:
+    """Ends a torchrun rank without the process group's destructor (gloo can deadlock there, pytorch#56297)."""
+    if dist.is_initialized():
+        dist.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

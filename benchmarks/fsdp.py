@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import resource
 import statistics
@@ -426,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-reshard-after-forward", action="store_true")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="under torchrun only")
     ap.add_argument("--strict", action="store_true", help="exit 1 if the time goal is missed")
+    ap.add_argument("--json", metavar="PATH", help="also write the medians (ms per step, by variant) as JSON")
     args = ap.parse_args(argv)
     cfg = Config(world=args.world, m=args.tasks, reshard_after_forward=not args.no_reshard_after_forward)
     cfg.device = args.device
@@ -444,6 +446,11 @@ def main(argv: list[str] | None = None) -> int:
         device = "cpu/gloo"
     text, ok = report(cfg, results, device)
     print(text, flush=True)
+    if args.json:
+        medians = {k: _median_ms(results, k)[0] for k in VARIANTS if results[0]["times"].get(k)}
+        with open(args.json, "w") as fh:
+            json.dump({"device": device, "world": len(results), "n": results[0]["n"], "m": cfg.m,
+                       "median_ms": medians, "labels": LABELS}, fh, indent=1)  # fmt: skip
     return 1 if args.strict and not ok else 0
 
 
