@@ -325,7 +325,7 @@ class GramianWeightedAggregator(GramianAggregator):
         skipped_steps: how many steps ``on_nonfinite="skip"`` skipped.
 
     Raises:
-        ValueError: ``weighting`` is not callable, keeps state of its own, has parameters or
+        ValueError: ``weighting`` is ``None`` or not callable, keeps state of its own, has parameters or
             buffers, or weighs the Jacobian rather than its Gramian (a TorchJD matrix weighting);
             ``seed`` or ``on_nonfinite`` is invalid. A weighting that returns something other
             than ``m`` finite weights raises ``ValueError`` at the step.
@@ -348,6 +348,11 @@ class GramianWeightedAggregator(GramianAggregator):
     """
 
     def __init__(self, weighting: Weighting, seed: int = 0, on_nonfinite: str = "raise") -> None:
+        if weighting is None:  # the settings read None as GradVac's own coefficient stage
+            raise ValueError(
+                "GramianWeightedAggregator needs a Gramian weighting (a callable from a Gramian [m, m] to "
+                "weights [m]), got None; for GradVac itself use gradvac_dist.GradVac(...)"
+            )
         super().__init__(GradVacSettings(seed=seed, on_nonfinite=on_nonfinite, weighting=weighting))
 
     @property

@@ -98,6 +98,11 @@ class _WithBuffer(nn.Module):
         return torch.ones(gramian.shape[0])
 
 
+def test_a_weighted_aggregator_without_a_weighting_is_refused_at_construction():
+    with pytest.raises(ValueError, match="needs a Gramian weighting .* got None; for GradVac itself use"):
+        GramianWeightedAggregator(None)
+
+
 @pytest.mark.parametrize(
     ("weighting", "message"),
     [
