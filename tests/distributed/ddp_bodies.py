@@ -87,14 +87,25 @@ def task_losses(outs, ys):
     return [((outs[i] - ys[i]) ** 2).mean() for i in range(M)]
 
 
-def local_jacobian(model: nn.Module, x, ys) -> torch.Tensor:
-    params = [p for p in model.parameters() if p.requires_grad]
-    losses = task_losses(model(x), ys)
+def loss_jacobian(losses, params) -> torch.Tensor:
+    """``[m, n]``: row ``i`` is loss ``i``'s gradient over ``params``, flattened (zeros where unused)."""
     rows = []
     for i, loss in enumerate(losses):
-        gs = torch.autograd.grad(loss, params, retain_graph=i < M - 1, allow_unused=True)
+        gs = torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1, allow_unused=True)
         rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params)]))
     return torch.stack(rows)
+
+
+def rank_mean(local: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of every rank's ``local`` (all-gathered, then averaged in rank order)."""
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return torch.stack(gathered).mean(0)
+
+
+def local_jacobian(model: nn.Module, x, ys) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return loss_jacobian(task_losses(model(x), ys), params)
 
 
 def mean_jacobian(plain: nn.Module, x, ys, world: int) -> torch.Tensor:

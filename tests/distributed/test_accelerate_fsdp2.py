@@ -20,11 +20,10 @@ import shutil
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from examples import accelerate_fsdp2 as example
 from gradvac_dist import GradVac
-from tests.distributed.ddp_bodies import block_columns, reference_grad
+from tests.distributed.ddp_bodies import block_columns, loss_jacobian, rank_mean, reference_grad
 from tests.distributed.fsdp_bodies import full_grad, full_params
 from tests.distributed.harness import run_distributed
 from tests.distributed.launchers import accelerate, free_port, run
@@ -36,23 +35,13 @@ STEPS = 4
 SHARED = ["embed", "encoder"]
 
 
-def _rank_mean_jacobian(plain, args, step: int, rank: int, world: int) -> torch.Tensor:
+def _rank_mean_jacobian(plain, args, step: int, rank: int) -> torch.Tensor:
     """Sum over micro-batches of the rank-mean per-task gradients of the plain network."""
     params = list(plain.parameters())
     total = 0
     for micro in range(args.grad_accum):
         x, ys = example.micro_batch(args, step, micro, rank, torch.device("cpu"))
-        losses = example.task_losses(plain(x), ys, args.grad_accum)
-        rows = []
-        for i, loss in enumerate(losses):
-            gs = torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1, allow_unused=True)
-            rows.append(
-                torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params)])
-            )
-        local = torch.stack(rows)
-        gathered = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(gathered, local)
-        total = total + torch.stack(gathered).mean(0)
+        total = total + rank_mean(loss_jacobian(example.task_losses(plain(x), ys, args.grad_accum), params))
     return total
 
 
@@ -69,7 +58,7 @@ def _exactness_body(rank, world, grad_accum):
     cols, sizes = block_columns(plain, "module", SHARED)
     errors, corrected, seen = [], [], []
     for step in range(STEPS):
-        expected = reference_grad(ref_agg, _rank_mean_jacobian(plain, args, step, rank, world), cols, sizes)
+        expected = reference_grad(ref_agg, _rank_mean_jacobian(plain, args, step, rank), cols, sizes)
         corrected.append(bool(ref_agg.last_result.corrected.any()))
 
         def check(r, expected=expected):

@@ -22,8 +22,10 @@ from tests.distributed.ddp_bodies import (
     _step_both,
     batch,
     block_columns,
+    loss_jacobian,
     make_model,
     mean_jacobian,
+    rank_mean,
     reference_grad,
     task_losses,
 )
@@ -373,17 +375,8 @@ def per_task_data_body(rank, world, grouping, steps=2):
         x, ys = batch(step, rank, world)
         per = x.shape[0] // M  # task t trains on its own third of the samples
         shares = [(x[t * per : (t + 1) * per], ys[t, t * per : (t + 1) * per]) for t in range(M)]
-        rows = []
-        for t, (xt, yt) in enumerate(shares):
-            loss = ((plain(xt)[t] - yt) ** 2).mean()
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            rows.append(
-                torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
-            )
-        local = torch.stack(rows)
-        gathered = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(gathered, local)
-        expected = reference_grad(ref, torch.stack(gathered).mean(0), cols, sizes)
+        local = loss_jacobian([((plain(xt)[t] - yt) ** 2).mean() for t, (xt, yt) in enumerate(shares)], params)
+        expected = reference_grad(ref, rank_mean(local), cols, sizes)
         losses = [((ddp(xt)[t] - yt) ** 2).mean() for t, (xt, yt) in enumerate(shares)]  # one forward per task
         gradvac_dist.backward(ddp, losses)
         errs.append(_step_both(model, plain, expected, opt, ref_opt))

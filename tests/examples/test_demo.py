@@ -295,12 +295,11 @@ def _per_task_body(rank, world):
     per-task Jacobian of a plain copy (each task's gradient from its own slice of each rank's batch)."""
     import copy
 
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from examples.demo.train import SHARED, task_losses
     from gradvac_dist import GradVac, GradVacState, backward, gradvac_hook
-    from tests.distributed.ddp_bodies import block_columns, reference_grad
+    from tests.distributed.ddp_bodies import block_columns, loss_jacobian, rank_mean, reference_grad
 
     data = demo_data.load(3, num_train=120, num_heldout=30)
     torch.manual_seed(0)
@@ -316,16 +315,8 @@ def _per_task_body(rank, world):
     for step in range(2):
         start = (step * world + rank) * 12
         xb, yb = data.x_train[start : start + 12].double(), data.y_train[start : start + 12]
-        rows = []
-        for loss in task_losses(plain, xb, yb, per_task=True):
-            gs = torch.autograd.grad(loss, params, allow_unused=True)
-            rows.append(
-                torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params)])
-            )
-        local = torch.stack(rows)
-        gathered = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(gathered, local)
-        expected = reference_grad(ref, torch.stack(gathered).mean(0), cols, sizes)
+        local = loss_jacobian(task_losses(plain, xb, yb, per_task=True), params)
+        expected = reference_grad(ref, rank_mean(local), cols, sizes)
         corrected = corrected or bool(ref.last_result.corrected.any())
         backward(ddp, task_losses(ddp, xb, yb, per_task=True))
         got = torch.cat([p.grad.flatten() for p in model.parameters()])

@@ -22,12 +22,11 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 
 example = pytest.importorskip("examples.hf_trainer", reason="transformers is not installed (the [transformers] extra)")
 
 from gradvac_dist import GradVac  # noqa: E402
-from tests.distributed.ddp_bodies import block_columns, reference_grad  # noqa: E402
+from tests.distributed.ddp_bodies import block_columns, loss_jacobian, rank_mean, reference_grad  # noqa: E402
 from tests.distributed.harness import run_distributed  # noqa: E402
 from tests.distributed.launchers import run, torchrun  # noqa: E402
 
@@ -52,18 +51,9 @@ class CheckedTrainer(example.GradVacTrainer):
         self.corrected: list[bool] = []
 
     def _rank_mean_jacobian(self, inputs) -> torch.Tensor:
-        params = list(self.plain.parameters())
         losses = example.task_losses(self.plain(inputs["input_ids"]), inputs["labels"])
-        rows = []
-        for i, loss in enumerate(losses):
-            gs = torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1, allow_unused=True)
-            rows.append(
-                torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params)])
-            )
-        local = torch.stack(rows) / self.current_gradient_accumulation_steps
-        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, local)
-        return torch.stack(gathered).mean(0)
+        local = loss_jacobian(losses, list(self.plain.parameters())) / self.current_gradient_accumulation_steps
+        return rank_mean(local)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.ref_sum = self.ref_sum + self._rank_mean_jacobian(inputs)
