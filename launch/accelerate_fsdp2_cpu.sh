@@ -2,15 +2,8 @@
 # Multi-task training with accelerate's FSDP2 and GradVac on this machine's CPU: 2 gloo processes
 # (launch/accelerate_fsdp2_cpu.yaml; examples/accelerate_fsdp2.py lets accelerate shard on CPU).
 #   bash launch/accelerate_fsdp2_cpu.sh [examples/accelerate_fsdp2.py options, e.g. --steps 500 --grad-accum 2]
-# Environment: MASTER_PORT (default 29500), OMP_NUM_THREADS (default: the cores shared between the
-# 2 processes), SCRIPT (default examples/accelerate_fsdp2.py).
+# launch/accelerate_cpu.sh with this config and script; its environment variables apply.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source launch/lib.sh  # GRADVAC_DRY_RUN=1: print the commands instead
-run bash launch/setup.sh
-cores=$(nproc 2>/dev/null || echo 1)
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / 2 > 0 ? cores / 2 : 1 ))}
-if [ -z "${GLOO_SOCKET_IFNAME:-}" ] && [ -e /sys/class/net/lo ]; then export GLOO_SOCKET_IFNAME=lo; fi
-launch .venv/bin/accelerate launch --config_file launch/accelerate_fsdp2_cpu.yaml \
-  --main_process_port "${MASTER_PORT:-29500}" \
-  "${SCRIPT:-examples/accelerate_fsdp2.py}" "$@"
+export ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-launch/accelerate_fsdp2_cpu.yaml}
+export SCRIPT=${SCRIPT:-examples/accelerate_fsdp2.py}
+exec bash "$(dirname "$0")/accelerate_cpu.sh" "$@"

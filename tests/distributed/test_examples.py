@@ -77,7 +77,7 @@ LAUNCH_SCRIPTS = {
 }
 SCRIPT_ENV = (
     *("NPROC", "MASTER_PORT", "SCRIPT", "MASTER", "NNODES", "NODE_RANK", "BACKEND", "RDZV_PORT", "RDZV_ID"),
-    *("RDZV_CONF", "LOCAL_ADDR", "MAX_RESTARTS", "GRADVAC_SKIP_SETUP"),
+    *("RDZV_CONF", "LOCAL_ADDR", "MAX_RESTARTS", "GRADVAC_SKIP_SETUP", "ACCELERATE_CONFIG"),
 )
 # the launchers in .venv, as the running interpreter starts them (a test must not build .venv)
 LAUNCHERS = {
